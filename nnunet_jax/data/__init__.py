@@ -1,0 +1,1 @@
+"""Case index, fold split and the input pipelines."""

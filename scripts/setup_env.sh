@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Creates the project's virtual environments from nothing (idempotent: re-runs only when pyproject changes).
+#   .venv         Python >= 3.12 when the machine has one (jax >= 0.11, oneDNN CPU convolutions), else 3.11,
+#                 with the project (editable) and its dev tools.
+#   .venv-oracle  (with --oracle) Python 3.11 with PyTorch CPU + MONAI + scikit: the reference
+#                 implementations tests/parity compares against. PyTorch's CPU build is taken from
+#                 torch==2.13.0 where the machine carries it.
+# Override the interpreters with NNUNET_PYTHON / NNUNET_ORACLE_PYTHON.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+want_oracle=0
+[[ "${1:-}" == "--oracle" ]] && want_oracle=1
+
+version_of() { "$1" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null; }
+
+pick_python() {  # $1 = minimum minor version, $2.. = candidates in order of preference
+  local min=$1; shift
+  for c in "$@"; do
+    [[ -z "$c" ]] && continue
+    local p; p=$(command -v "$c" 2>/dev/null || true)
+    [[ -z "$p" && -x "$c" ]] && p=$c
+    [[ -z "$p" ]] && continue
+    local v; v=$(version_of "$p") || continue
+    [[ -z "$v" ]] && continue
+    if [[ ${v%%.*} -eq 3 && ${v#*.} -ge $min ]]; then echo "$p"; return 0; fi
+  done
+  return 1
+}
+
+pyenv_root=${PYENV_ROOT:-$HOME/.pyenv}
+main_py=$(pick_python 11 "${NNUNET_PYTHON:-}" python3.12 "$pyenv_root"/versions/3.12*/bin/python3.12 \
+  python3.13 "$pyenv_root"/versions/3.13*/bin/python3.13 python3.11 "$pyenv_root"/versions/3.11*/bin/python3.11 \
+  python3) || { echo "setup: no Python >= 3.11 found" >&2; exit 1; }
+
+stamp() { sha1sum pyproject.toml scripts/setup_env.sh | sha1sum | cut -c1-16; }
+
+make_venv() {  # $1 = dir, $2 = python, $3.. = pip install arguments
+  local dir=$1 py=$2; shift 2
+  local want; want="$(stamp) $(version_of "$py")"
+  if [[ -f "$dir/.stamp" && "$(cat "$dir/.stamp")" == "$want" ]]; then return 0; fi
+  echo "setup: creating $dir with $py (Python $(version_of "$py"))"
+  rm -rf "$dir"
+  "$py" -m venv "$dir"
+  local log="$dir/setup.log"
+  if ! { "$dir/bin/python" -m pip install --upgrade pip && "$dir/bin/python" -m pip install "$@"; } >"$log" 2>&1; then
+    tail -n 40 "$log" >&2; echo "setup: installing into $dir failed (full log: $log)" >&2; exit 1
+  fi
+  echo "$want" > "$dir/.stamp"
+}
+
+# DALI (CPU operators with device_id=None here, GPU operators on a GPU machine) for the training pipelines.
+extras="dev"
+[[ "$(uname -s)" == "Linux" ]] && extras="dev,dali-cuda12"
+make_venv .venv "$main_py" -e ".[$extras]"
+
+if [[ $want_oracle == 1 ]]; then
+  oracle_py=$(pick_python 11 "${NNUNET_ORACLE_PYTHON:-}" python3.11 "$pyenv_root"/versions/3.11*/bin/python3.11 \
+    "$main_py") || { echo "setup: no Python for the oracle venv" >&2; exit 1; }
+  # The CPU build of torch 2.13.0 is preferred (small, no CUDA libraries); fall back to the index's torch.
+  torch_spec="torch==2.13.0"
+  "$oracle_py" -m pip download -q --no-deps -d "$(mktemp -d)" "$torch_spec" >/dev/null 2>&1 || torch_spec="torch"
+  make_venv .venv-oracle "$oracle_py" "$torch_spec" -e ".[test]"
+fi
