@@ -33,9 +33,9 @@ main_py=$(pick_python 11 "${NNUNET_PYTHON:-}" python3.12 "$pyenv_root"/versions/
   python3.13 "$pyenv_root"/versions/3.13*/bin/python3.13 python3.11 "$pyenv_root"/versions/3.11*/bin/python3.11 \
   python3) || { echo "setup: no Python >= 3.11 found" >&2; exit 1; }
 
-stamp() { sha1sum pyproject.toml scripts/setup_env.sh | sha1sum | cut -c1-16; }
+stamp() { cat pyproject.toml requirements/*.txt scripts/setup_env.sh scripts/install.sh | sha1sum | cut -c1-16; }
 
-make_venv() {  # $1 = dir, $2 = python, $3.. = pip install arguments
+make_venv() {  # $1 = dir, $2 = python, $3.. = the install command, run with $VENV_PY set to the venv's python
   local dir=$1 py=$2; shift 2
   local want; want="$(stamp) $(version_of "$py")"
   if [[ -f "$dir/.stamp" && "$(cat "$dir/.stamp")" == "$want" ]]; then return 0; fi
@@ -43,22 +43,23 @@ make_venv() {  # $1 = dir, $2 = python, $3.. = pip install arguments
   rm -rf "$dir"
   "$py" -m venv "$dir"
   local log="$dir/setup.log"
-  if ! { "$dir/bin/python" -m pip install --upgrade pip && "$dir/bin/python" -m pip install "$@"; } >"$log" 2>&1; then
+  if ! { "$dir/bin/python" -m pip install --upgrade pip && VENV_PY="$dir/bin/python" "$@"; } >"$log" 2>&1; then
     tail -n 40 "$log" >&2; echo "setup: installing into $dir failed (full log: $log)" >&2; exit 1
   fi
   echo "$want" > "$dir/.stamp"
 }
 
-# DALI (CPU operators with device_id=None here, GPU operators on a GPU machine) for the training pipelines.
-extras="dev"
-[[ "$(uname -s)" == "Linux" ]] && extras="dev,dali-cuda12"
-make_venv .venv "$main_py" -e ".[$extras]"
+# The same recipe as the Docker image (scripts/install.sh), CPU flavour, plus the test tools.
+install_main() { bash scripts/install.sh --python "$VENV_PY" --cuda none --dev --editable; }
+make_venv .venv "$main_py" install_main
 
 if [[ $want_oracle == 1 ]]; then
   oracle_py=$(pick_python 11 "${NNUNET_ORACLE_PYTHON:-}" python3.11 "$pyenv_root"/versions/3.11*/bin/python3.11 \
     "$main_py") || { echo "setup: no Python for the oracle venv" >&2; exit 1; }
-  # The CPU build of torch 2.13.0 is preferred (small, no CUDA libraries); fall back to the index's torch.
-  torch_spec="torch==2.13.0"
-  "$oracle_py" -m pip download -q --no-deps -d "$(mktemp -d)" "$torch_spec" >/dev/null 2>&1 || torch_spec="torch"
-  make_venv .venv-oracle "$oracle_py" "$torch_spec" -e ".[test]"
+  # torch 2.13.0: on these machines pip finds its CPU build on disk (no CUDA libraries to download).
+  install_oracle() {
+    bash scripts/install.sh --python "$VENV_PY" --cuda none --dev --editable --no-dali &&
+      "$VENV_PY" -m pip install "torch==2.13.0" "monai==1.6.1"
+  }
+  make_venv .venv-oracle "$oracle_py" install_oracle
 fi
