@@ -1,0 +1,134 @@
+"""plan.json: task-table plans, custom-dataset planning (spacing, CT statistics, patch size), fit check."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from nnunet_jax.io import DatasetError
+from nnunet_jax.topology import plan_topology
+from preprocess.dataset import find_task_dir, load_dataset
+from preprocess.planning import (
+    check_patch_fits,
+    ct_statistics,
+    make_plan,
+    median_target_spacing,
+    plan_patch_size,
+)
+from preprocess.synthetic import generate
+
+
+def test_median_spacing_and_coarsest_axis_rule():
+    iso, aniso = median_target_spacing([[1.0, 1.0, 1.0], [1.2, 0.9, 0.9], [0.8, 1.1, 1.1]])
+    assert iso == pytest.approx([1.0, 1.0, 1.0]) and not aniso
+    spacings = [[2.5, 0.7, 0.7], [3.0, 0.7, 0.7], [3.5, 0.8, 0.8], [4.0, 0.6, 0.6], [5.0, 0.7, 0.7]]
+    target, aniso = median_target_spacing(spacings)
+    # median Z 3.5 vs 0.7 in-plane: ratio 5 ≥ 3 → the COARSEST axis (Z) goes to its 10th percentile,
+    # 2.5 + 0.4 · (3.0 − 2.5) = 2.7; the finest axes keep their medians.
+    assert aniso and target == pytest.approx([2.7, 0.7, 0.7])
+    # The coarse axis can be any axis (here X).
+    target, _ = median_target_spacing([[s[1], s[2], s[0]] for s in spacings])
+    assert target == pytest.approx([0.7, 0.7, 2.7])
+
+
+def test_patch_size_rule():
+    # Median 37×50×45 at 1 mm: three halvings on every axis (45 → 22.5 → 11.25 → 5.6 < 8 stops), so each
+    # axis is rounded down to a multiple of 8.
+    assert plan_patch_size([37, 50, 45], [1.0, 1.0, 1.0], 3) == [32, 48, 40]
+    big = plan_patch_size([200.5, 300, 280], [1.0, 1.0, 1.0], 3)
+    strides = np.prod(np.array(plan_topology(big, [1.0, 1.0, 1.0]).strides), axis=0)
+    assert math.prod(big) <= 128**3 and all(p % s == 0 for p, s in zip(big, strides, strict=True))
+    assert all(p <= m for p, m in zip(big, [200, 300, 280], strict=True))
+    flat = plan_patch_size([300, 600], [0.8, 0.8], 2)
+    assert math.prod(flat) <= 512**2 and all(p % 32 == 0 for p in flat)  # five halvings per axis in 2D
+
+
+def test_patch_larger_than_every_case():
+    shapes = {"a": [36, 50, 35], "b": [42, 58, 41], "c": [30, 44, 33]}  # Hippocampus-like: some need padding
+    check_patch_fits([40, 56, 40], shapes, "resampled")  # fine: case b reaches the patch on every axis
+    with pytest.raises(DatasetError, match=r"patch size \[40, 64, 40\].*axis Y.*\[42, 58, 41\]"):
+        check_patch_fits([40, 64, 40], shapes, "resampled")
+
+
+def _ct_dataset(root, n=4, seed=0):
+    """A tiny CT-like MSD dataset: air around a body at ~40 HU with a ~100 HU organ, varied spacing."""
+    rng = np.random.default_rng(seed)
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+    training, images, labels = [], [], []
+    for i in range(n):
+        shape = tuple(int(v) for v in rng.integers(12, 20, size=3))
+        spacing = (0.7 + 0.05 * i, 0.7 + 0.05 * i, [2.5, 3.0, 3.5, 5.0][i % 4])  # X, Y, Z
+        image = rng.normal(40, 20, size=shape).astype(np.float32)
+        image[:2] = -1000
+        label = np.zeros(shape, np.uint8)
+        label[3:9, 4:10, 2:7] = 1
+        image[label == 1] = rng.normal(100, 30, size=int((label == 1).sum()))
+        affine = np.diag([*spacing, 1.0])
+        nib.save(nib.Nifti1Image(image, affine), str(root / "imagesTr" / f"ct_{i}.nii.gz"))
+        nib.save(nib.Nifti1Image(label, affine), str(root / "labelsTr" / f"ct_{i}.nii.gz"))
+        training.append({"image": f"./imagesTr/ct_{i}.nii.gz", "label": f"./labelsTr/ct_{i}.nii.gz"})
+        images.append(image)
+        labels.append(label)
+    meta = {"name": "TinyCT", "modality": {"0": "CT"}, "labels": {"0": "background", "1": "organ"},
+            "training": training, "test": []}
+    (root / "dataset.json").write_text(json.dumps(meta))
+    return images, labels
+
+
+def test_custom_ct_dataset_plan(tmp_path):
+    root = tmp_path / "TinyCT"
+    images, labels = _ct_dataset(root)
+    task_dir, info = find_task_dir(tmp_path / "elsewhere", str(root))
+    assert task_dir == root and info is None
+    plan = make_plan(load_dataset(task_dir), "TinyCT", None, 3, progress=False)
+    fg = np.concatenate([im[lb > 0] for im, lb in zip(images, labels, strict=True)]).astype(np.float64)
+    expected = [np.percentile(fg, 0.5), np.percentile(fg, 99.5), fg.mean(), fg.std()]
+    assert plan["normalization"] == "CT"
+    np.testing.assert_allclose(plan["ct_stats"], expected, rtol=1e-5)
+    # Z spacings 2.5, 3, 3.5, 5 → median 3.25 vs in-plane ~0.77: anisotropic, Z → 10th percentile 2.65.
+    assert plan["spacing"][0] == pytest.approx(np.percentile([2.5, 3.0, 3.5, 5.0], 10))
+    assert plan["spacing"][1:] == pytest.approx([np.median([0.7, 0.75, 0.8, 0.85])] * 2)
+    assert plan["anisotropic"] is True
+    assert plan["topology"] == plan_topology(plan["patch_size"], plan["spacing"]).to_dict()
+    assert plan["source"]["patch_size"] == "planned from the median shape"
+    assert plan["n_class"] == 2 and plan["in_channels"] == 1 and plan["cases"]["training"][0] == "ct_0"
+
+
+def test_ct_statistics_bounded_sample(tmp_path):
+    root = tmp_path / "TinyCT"
+    images, labels = _ct_dataset(root, n=3, seed=1)
+    ds = load_dataset(root)
+    fg = np.concatenate([im[lb > 0] for im, lb in zip(images, labels, strict=True)]).astype(np.float64)
+    lo, hi, mean, std = ct_statistics(ds.training, ds.label_values, 1, max_voxels_per_case=50, progress=False)
+    assert mean == pytest.approx(fg.mean(), rel=1e-9) and std == pytest.approx(fg.std(), rel=1e-9)  # exact
+    assert abs(lo - np.percentile(fg, 0.5)) < 0.15 * fg.std() + 30  # sampled, still in the tail
+    assert hi > np.percentile(fg, 90) and lo < np.percentile(fg, 10)
+
+
+def test_msd_table_plan_and_overrides(tmp_path):
+    generate(tmp_path, cases=3, test_cases=1, seed=0)
+    task_dir, info = find_task_dir(tmp_path, "0")
+    ds = load_dataset(task_dir)
+    plan = make_plan(ds, "00", info, 3, progress=False)
+    assert plan["patch_size"] == [32, 32, 32] and plan["spacing"] == [1.0, 1.0, 1.0]
+    assert plan["labels"] == {"0": "background", "1": "oedema", "2": "core"} and plan["n_class"] == 3
+    assert plan["modalities"] == {"0": "T1", "1": "T2"} and plan["in_channels"] == 2
+    assert plan["normalization"] == "MRI" and plan["ct_stats"] is None and plan["anisotropic"] is False
+    assert plan["topology"]["strides"] == [[1, 1, 1], [2, 2, 2], [2, 2, 2], [2, 2, 2]]
+    assert plan["cases"] == {"training": ["synth_000", "synth_001", "synth_002"], "test": ["synth_003"]}
+    plan2d = make_plan(ds, "00", info, 2, progress=False)
+    assert plan2d["patch_size"] == [32, 32] and plan2d["spacing"] == [1.0, 1.0]
+    assert plan2d["topology"]["strides"][0] == [1, 1]
+    custom = make_plan(ds, "00", info, 3, patch_size=[16, 24, 16], progress=False)
+    assert custom["patch_size"] == [16, 24, 16] and custom["source"]["patch_size"] == "--patch_size"
+    with pytest.raises(DatasetError, match="3 positive values"):
+        make_plan(ds, "00", info, 3, patch_size=[16, 16], progress=False)
+    # The same folder as a custom dataset: spacing from the data, patch planned.
+    own = make_plan(ds, "Task00_Synthetic", None, 3, progress=False)
+    assert own["spacing"] == pytest.approx([1.0, 1.0, 1.0])  # medians of (1|1.5, 1|1.2, 1|1.2)
+    assert all(p % 8 == 0 or p < 8 for p in own["patch_size"])
