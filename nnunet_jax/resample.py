@@ -1,0 +1,222 @@
+"""Separable resampling that reproduces ``skimage.transform.resize(..., mode='edge'|'constant',
+anti_aliasing=False, clip=True)`` (which is ``scipy.ndimage.zoom(..., grid_mode=True)``), but faster.
+
+Why separable is exact: the tensor-product B-spline interpolant of a volume, sampled on the Cartesian
+output grid, factors into one 1-D linear map per axis (scipy's edge pre-padding, spline pre-filter and
+tap weights are each per-axis operations). Applying the axes one after the other costs 4 taps per axis
+(order 3) instead of 4**3 per output voxel and skips axes whose size does not change. Results agree with
+scipy's joint evaluation up to float rounding (~1e-7 relative; labels identical except exact 0.5 ties).
+
+Coordinates, tap starts, weights and the 12-voxel edge pre-padding follow ``scipy.ndimage.zoom`` with
+``grid_mode=True``: input coordinate of output index k is ``(k + 0.5) * n_in / n_out - 0.5``.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache
+
+import numpy as np
+import scipy.ndimage as ndi
+
+_NPAD = 12  # scipy.ndimage pre-pads by 12 voxels (edge mode) before the spline filter for mode 'nearest'
+
+
+@lru_cache(maxsize=64)
+def axis_taps(n_in: int, n_out: int, order: int) -> tuple[np.ndarray, np.ndarray]:
+    """Tap indices (T, n_out) and weights (T, n_out) of one axis, as scipy's zoom computes them.
+
+    Order 3 indices point into the coefficient line pre-padded by ``_NPAD``; order 1 indices are clamped
+    (mode 'nearest' = skimage 'edge'); order 0 indices of -1 mean "outside" (mode 'grid-constant', cval 0).
+    """
+    if n_in < 1 or n_out < 1:
+        raise ValueError(f"cannot resample an axis of length {n_in} to {n_out}")
+    scale = np.float64(n_in) / np.float64(n_out)
+    cc = (np.arange(n_out, dtype=np.float64) + 0.5) * scale - 0.5
+    if order == 3:
+        cc = cc + _NPAD
+        start = np.floor(cc)
+        t = cc - start
+        z = 1.0 - t
+        w1 = (t * t * (t - 2.0) * 3.0 + 4.0) / 6.0
+        w2 = (z * z * (z - 2.0) * 3.0 + 4.0) / 6.0
+        w0 = z * z * z / 6.0
+        w3 = 1.0 - w0 - w1 - w2
+        idx = start.astype(np.int64)[None] - 1 + np.arange(4)[:, None]
+        idx = np.clip(idx, 0, n_in + 2 * _NPAD - 1)
+        return idx, np.stack([w0, w1, w2, w3])
+    if order == 1:
+        start = np.floor(cc)
+        w0 = 1.0 - (cc - start)
+        idx = start.astype(np.int64)[None] + np.arange(2)[:, None]
+        return np.clip(idx, 0, n_in - 1), np.stack([w0, 1.0 - w0])
+    if order == 0:
+        idx = np.floor(cc + 0.5).astype(np.int64)
+        idx[(idx < 0) | (idx >= n_in)] = -1
+        return idx[None], np.ones((1, n_out))
+    raise ValueError(f"unsupported interpolation order {order} (use 0, 1 or 3)")
+
+
+def _gather(arr: np.ndarray, axis: int, idx: np.ndarray, w: np.ndarray, dtype) -> np.ndarray:
+    """Sum_t w[t] * arr.take(idx[t], axis): one axis of the separable interpolation."""
+    arr = arr.astype(dtype, copy=False)
+    bshape = [1] * arr.ndim
+    bshape[axis] = idx.shape[1]
+    w = w.astype(dtype)
+    out = np.take(arr, idx[0], axis=axis)
+    out *= w[0].reshape(bshape)
+    buf = np.empty_like(out)
+    for t in range(1, idx.shape[0]):
+        np.take(arr, idx[t], axis=axis, out=buf)
+        buf *= w[t].reshape(bshape)
+        out += buf
+    return out
+
+
+def resize_axis(arr: np.ndarray, axis: int, n_out: int, order: int, dtype=np.float64) -> np.ndarray:
+    """Resample one axis of ``arr`` to ``n_out`` samples (no clipping)."""
+    n_in = arr.shape[axis]
+    if n_in == n_out:
+        return arr.astype(dtype, copy=False)
+    idx, w = axis_taps(n_in, n_out, order)
+    if order == 0:
+        valid = idx[0] >= 0
+        out = np.take(arr, np.where(valid, idx[0], 0), axis=axis).astype(dtype, copy=False)
+        if not valid.all():
+            sl = [slice(None)] * arr.ndim
+            sl[axis] = ~valid
+            out[tuple(sl)] = 0
+        return out
+    if order == 3:
+        pad = [(0, 0)] * arr.ndim
+        pad[axis] = (_NPAD, _NPAD)
+        arr = ndi.spline_filter1d(np.pad(arr, pad, mode="edge"), 3, axis=axis, mode="nearest",
+                                  output=dtype)
+    return _gather(arr, axis, idx, w, dtype)
+
+
+def resize(arr: np.ndarray, new_shape, order: int, axes=None, dtype=np.float64,
+           clip: bool = True) -> np.ndarray:
+    """``skimage.transform.resize(arr, new_shape, order, mode='edge', anti_aliasing=False, clip=clip)``.
+
+    ``axes``: resample only these axes (others must keep their size): e.g. (1, 2) resizes every slice of a
+    (Z, Y, X) volume in-plane, with clipping per slice as a per-slice skimage call would do.
+    Order 0 uses mode 'constant' with cval 0, as the reference's Z pass does.
+    """
+    new_shape = tuple(int(s) for s in new_shape)
+    if len(new_shape) != arr.ndim or min(new_shape) < 1:
+        raise ValueError(f"new shape {new_shape} does not fit an array of shape {arr.shape}")
+    axes = tuple(range(arr.ndim)) if axes is None else tuple(axes)
+    for a in range(arr.ndim):
+        if a not in axes and arr.shape[a] != new_shape[a]:
+            raise ValueError(f"axis {a} is not resampled but its size changes {arr.shape} -> {new_shape}")
+    # Shrink first: later passes then run on fewer voxels.
+    out = arr
+    for a in sorted(axes, key=lambda a: new_shape[a] / arr.shape[a]):
+        out = resize_axis(out, a, new_shape[a], order, dtype)
+    out = out.astype(dtype, copy=out is arr)
+    if clip and order > 0:
+        lo = arr.min(axis=axes, keepdims=True)
+        hi = arr.max(axis=axes, keepdims=True)
+        np.clip(out, lo, hi, out=out)
+    return out
+
+
+def _workers(n: int, workers: int | None) -> int:
+    return max(1, min(n, workers if workers is not None else (os.cpu_count() or 1)))
+
+
+def resample_image(image: np.ndarray, new_shape, anisotropic: bool, workers: int | None = 1,
+                   dtype=np.float64) -> np.ndarray:
+    """(C, Z, Y, X) float image → (C, *new_shape) float32, per channel.
+
+    Regular: cubic spline on all axes, clipped to the channel's input range. Anisotropic: cubic in-plane
+    per slice (clipped per slice), then nearest along Z (mode constant), as the reference does.
+    ``dtype``: working precision. float64 (default) reproduces skimage to ~5e-8 and, importantly, the same
+    set of exactly-zero voxels (the spline tails next to a zero background are ~1e-40 and decide which
+    voxels the MRI z-score counts as non-zero); float32 is ~2x faster, ~2e-7 relative, but its denormal
+    rounding flips ~0.2% of those near-zero voxels.
+    ``workers`` > 1 runs channels in threads (scipy and numpy release the GIL); None = all cores.
+    """
+    new_shape = tuple(int(s) for s in new_shape)
+    if image.ndim != 4 or len(new_shape) != 3:
+        raise ValueError(f"expected a (C, Z, Y, X) image and a 3-D shape, got {image.shape} -> {new_shape}")
+    out = np.empty((image.shape[0], *new_shape), np.float32)
+
+    def one(c: int) -> None:
+        x = image[c]
+        if anisotropic:
+            x = resize(x, (x.shape[0], *new_shape[1:]), 3, axes=(1, 2), dtype=dtype)
+            out[c] = resize_axis(x, 0, new_shape[0], 0, dtype=dtype)
+        else:
+            out[c] = resize(x, new_shape, 3, dtype=dtype)
+
+    n = _workers(image.shape[0], workers)
+    if n == 1:
+        for c in range(image.shape[0]):
+            one(c)
+    else:
+        with ThreadPoolExecutor(n) as ex:
+            list(ex.map(one, range(image.shape[0])))
+    return out
+
+
+def _class_block(mask: np.ndarray, new_shape, axes) -> tuple[tuple[slice, ...], np.ndarray] | None:
+    """Linear (order 1) resampling of a binary mask, computed only over the output block its taps reach."""
+    others = [tuple(b for b in range(mask.ndim) if b != a) for a in range(mask.ndim)]
+    nz = [np.flatnonzero(mask.any(axis=o)) for o in others]
+    if any(len(v) == 0 for v in nz):
+        return None
+    out_sl, in_sl, taps = [], [], []
+    for a in range(mask.ndim):
+        n_in, n_out = mask.shape[a], new_shape[a]
+        if a not in axes or n_in == n_out:
+            lo, hi = nz[a][0], nz[a][-1] + 1
+            out_sl.append(slice(lo, hi))
+            in_sl.append(slice(lo, hi))
+            taps.append(None)
+            continue
+        idx, w = axis_taps(n_in, n_out, 1)
+        hit = ((idx >= nz[a][0]) & (idx <= nz[a][-1])).any(axis=0)
+        ks = np.flatnonzero(hit)
+        k0, k1 = ks[0], ks[-1] + 1
+        i0, i1 = idx[:, k0:k1].min(), idx[:, k0:k1].max() + 1
+        out_sl.append(slice(k0, k1))
+        in_sl.append(slice(i0, i1))
+        taps.append((idx[:, k0:k1] - i0, w[:, k0:k1]))
+    block = mask[tuple(in_sl)].astype(np.float64)
+    for a in sorted(range(mask.ndim), key=lambda a: (out_sl[a].stop - out_sl[a].start) / block.shape[a]):
+        if taps[a] is not None:
+            block = _gather(block, a, taps[a][0], taps[a][1], np.float64)
+    return tuple(out_sl), block
+
+
+def _resample_label_linear(lab: np.ndarray, new_shape, axes) -> np.ndarray:
+    """Per class c = 1..max: one-hot, linear, >= 0.5 → c; later classes win (classes absent: skipped)."""
+    out = np.zeros(new_shape, np.uint8)
+    present = np.flatnonzero(np.bincount(lab.ravel(), minlength=1))  # uint8: faster than np.unique's sort
+    for c in present[present > 0]:
+        res = _class_block(lab == c, new_shape, axes)
+        if res is not None:
+            sl, val = res
+            out[sl][val >= 0.5] = c
+    return out
+
+
+def resample_label(label: np.ndarray, new_shape, anisotropic: bool) -> np.ndarray:
+    """(1, Z, Y, X) uint8 label → (1, *new_shape) uint8 with the reference's per-class rule.
+
+    Anisotropic: the per-class linear rule per slice in-plane, then nearest along Z. Since the in-plane
+    result assigns one class per voxel, the reference's per-class nearest Z pass equals one gather.
+    """
+    new_shape = tuple(int(s) for s in new_shape)
+    if label.ndim != 4 or label.shape[0] != 1 or len(new_shape) != 3:
+        raise ValueError(f"expected a (1, Z, Y, X) label and a 3-D shape, got {label.shape} -> {new_shape}")
+    lab = label[0]
+    if anisotropic:
+        inplane = _resample_label_linear(lab, (lab.shape[0], *new_shape[1:]), axes=(1, 2))
+        out = resize_axis(inplane, 0, new_shape[0], 0, dtype=np.uint8)
+    else:
+        out = _resample_label_linear(lab, new_shape, axes=(0, 1, 2))
+    return out[None]
