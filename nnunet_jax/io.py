@@ -8,13 +8,14 @@ the case, the file and what is wrong, so a bad case in a 500-case dataset is fou
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import NamedTuple
 
 import nibabel as nib
 import numpy as np
+
+from nnunet_jax.atomic import atomic_path
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
@@ -176,14 +177,6 @@ def save_label_nifti(
     out = nib.Nifti1Image(data, affine, hdr)
     out.set_data_dtype(np.uint8)
     out.header.set_slope_inter(1, 0)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = ".nii.gz" if path.name.endswith(".nii.gz") else ".nii"
-    fd, tmp = tempfile.mkstemp(prefix=f".{case_name(path)}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         nib.save(out, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path

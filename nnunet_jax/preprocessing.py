@@ -16,13 +16,12 @@ In test mode nothing is padded or cropped, in 2D and in 3D.
 from __future__ import annotations
 
 import os
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
-from pathlib import Path
 
 import numpy as np
 
+from nnunet_jax.atomic import save_npy
 from nnunet_jax.resample import resample_image, resample_label, resize
 
 __all__ = [
@@ -95,15 +94,7 @@ class CaseMeta:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write ``path`` atomically (temp file in the same folder, then rename); no pickle."""
-        path = Path(path)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.save(f, self.to_record(), allow_pickle=False)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        save_npy(self.to_record(), path)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> CaseMeta:

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+
+from nnunet_jax.atomic import atomic_path
 
 # Fixed colours per class index, so that the same class has the same colour in every picture.
 CLASS_COLORS = np.array(
@@ -44,18 +45,10 @@ def _pyplot():
 
 
 def _save(fig, out: str | os.PathLike) -> Path:
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.stem}.", suffix=".png", dir=out.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=100, bbox_inches="tight")
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, dpi=100, bbox_inches="tight", format="png")
     _pyplot().close(fig)
-    return out
+    return Path(out)
 
 
 def read_logs(path: str | os.PathLike) -> list[dict]:

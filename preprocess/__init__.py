@@ -20,20 +20,20 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from nnunet_jax.atomic import make_temp_dir, replace_dir, save_npy, write_json
 from nnunet_jax.io import DatasetError, load_case
 from preprocess.dataset import CaseFiles, Dataset, find_task_dir, load_dataset
 from preprocess.planning import check_patch_fits, make_plan, parallel_map
 
 EXEC_MODES = ("training", "val", "test")
 
-__all__ = ["EXEC_MODES", "DatasetError", "output_dir", "preprocess_dataset", "write_json_atomic"]
+__all__ = ["EXEC_MODES", "DatasetError", "output_dir", "preprocess_dataset"]
 
 
 @dataclass(frozen=True)
@@ -51,20 +51,6 @@ class CaseJob:
     normalization: str
     ct_stats: tuple[float, float, float, float] | None
     workers: int | None = None  # resampling threads per case; 1 when cases already run in parallel
-
-
-def _save_npy(array: np.ndarray, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, array, allow_pickle=False)
-    os.replace(tmp, path)
-
-
-def write_json_atomic(obj: dict, path: str | os.PathLike) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
 
 
 def process_case(job: CaseJob) -> dict:
@@ -86,9 +72,9 @@ def process_case(job: CaseJob) -> dict:
     except Exception as e:
         raise DatasetError(f"case {job.case.name!r} ({job.case.image}): preprocessing failed: {e}") from e
     out = Path(job.out_dir)
-    _save_npy(np.ascontiguousarray(x, dtype=np.float32), out / f"{job.case.name}_x.npy")
+    save_npy(np.ascontiguousarray(x, dtype=np.float32), out / f"{job.case.name}_x.npy")
     if with_label and y is not None:
-        _save_npy(np.ascontiguousarray(y, dtype=np.uint8), out / f"{job.case.name}_y.npy")
+        save_npy(np.ascontiguousarray(y, dtype=np.uint8), out / f"{job.case.name}_y.npy")
     meta.save(out / f"{job.case.name}_meta.npy")
     unpadded = list(meta.resampled_shape) if job.dim == 3 else list(meta.resampled_shape[1:])
     return {"name": job.case.name, "shape": [int(v) for v in x.shape], "unpadded": unpadded}
@@ -101,17 +87,6 @@ def output_dir(results: str | os.PathLike, task_dir: Path, task_number: str | No
     return base if exec_mode == "training" else base / exec_mode
 
 
-def _install(tmp: Path, final: Path) -> None:
-    """Move a finished temp folder to ``final``, replacing an old one only after the new one exists."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    old = None
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        shutil.rmtree(old, ignore_errors=True)
-        final.rename(old)
-    tmp.rename(final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _load_or_make_plan(dataset: Dataset, task: str, info, dim: int, exec_mode: str, base: Path,
@@ -153,7 +128,7 @@ def preprocess_dataset(
                               patch_size, n_jobs, progress)
 
     Path(results).mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{base.name}-{exec_mode}.", dir=results))
+    tmp = make_temp_dir(out, exec_mode)
     try:
         jobs = [
             CaseJob(c, str(tmp), exec_mode, dim, tuple(dataset.label_values), dataset.in_channels,
@@ -167,9 +142,8 @@ def preprocess_dataset(
             check_patch_fits(plan["patch_size"], {d["name"]: d["unpadded"] for d in done},
                              "cropped and resampled" if dim == 3 else "cropped slice")
         written = dict(plan, exec_mode=exec_mode, preprocessed=[d["name"] for d in done])
-        write_json_atomic(written, tmp / "plan.json")
-        os.chmod(tmp, 0o755)
-        _install(tmp, out)
+        write_json(written, tmp / "plan.json")
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -24,6 +24,7 @@ from absl import app, flags
 from tqdm import tqdm
 
 from configs.tasks import get_task
+from nnunet_jax.atomic import replace_dir
 
 CHUNK = 1 << 20
 
@@ -113,10 +114,7 @@ def extract(archive: str | os.PathLike, results: str | os.PathLike, folder: str)
             if len(tops) != 1:
                 raise DownloadError(f"{archive}: no {folder}/dataset.json inside the archive")
             root = tops[0]
-        final = results / folder
-        if final.exists():
-            shutil.rmtree(final)
-        root.rename(final)
+        final = replace_dir(root, results / folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final

@@ -12,15 +12,15 @@ model can learn them. Case i depends only on (seed, i), not on how many cases ar
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 from absl import app, flags
+
+from nnunet_jax.atomic import make_temp_dir, replace_dir, write_json
 
 TASK_FOLDER = "Task00_Synthetic"
 MODALITIES = {"0": "T1", "1": "T2"}
@@ -91,7 +91,7 @@ def generate(out: str | os.PathLike, cases: int = 12, test_cases: int = 3, seed:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     final = out / TASK_FOLDER
-    tmp = Path(tempfile.mkdtemp(prefix=f".{TASK_FOLDER}.", dir=out))
+    tmp = make_temp_dir(final)
     try:
         for sub in ("imagesTr", "labelsTr", "imagesTs"):
             (tmp / sub).mkdir()
@@ -121,15 +121,8 @@ def generate(out: str | os.PathLike, cases: int = 12, test_cases: int = 3, seed:
             "training": training,
             "test": test,
         }
-        (tmp / "dataset.json").write_text(json.dumps(meta, indent=4))
-        os.chmod(tmp, 0o755)
-        old = None
-        if final.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{TASK_FOLDER}.old.", dir=out))
-            final.rename(old / "task")
-        tmp.rename(final)
-        if old is not None:
-            shutil.rmtree(old)
+        write_json(meta, tmp / "dataset.json", indent=4)
+        replace_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

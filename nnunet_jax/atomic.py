@@ -1,0 +1,77 @@
+"""Atomic writes: nothing half-written is ever visible under a final name.
+
+Every file the project writes goes through :func:`atomic_path` (a temp name in the same folder, renamed over
+the target only once complete); whole output folders through :func:`replace_dir`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+
+def _umask_mode(mode: int) -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mode & ~mask
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temp path beside ``path`` (same suffix, so writers that look at it behave); on success it is
+    renamed onto ``path`` with the usual permissions, on any error it is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.chmod(tmp, _umask_mode(0o666))  # mkstemp creates 0600
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def save_npy(array: np.ndarray, path: str | os.PathLike) -> Path:
+    """``np.save`` without pickle, atomically."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, array, allow_pickle=False)
+    return Path(path)
+
+
+def write_json(obj: object, path: str | os.PathLike, indent: int | None = 2) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=indent) + "\n")
+    return Path(path)
+
+
+def make_temp_dir(final: str | os.PathLike, tag: str = "tmp") -> Path:
+    """A hidden temp folder beside ``final`` to build a whole output in before :func:`replace_dir`."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.{tag}.", dir=final.parent))
+    os.chmod(tmp, _umask_mode(0o777))
+    return tmp
+
+
+def replace_dir(tmp: str | os.PathLike, final: str | os.PathLike) -> Path:
+    """Move the finished folder ``tmp`` to ``final``; an old ``final`` is removed only after the new one is in
+    place (moved aside first, so a crash leaves either the old or the new folder complete)."""
+    tmp, final = Path(tmp), Path(final)
+    old = None
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+    tmp.rename(final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
