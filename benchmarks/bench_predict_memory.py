@@ -1,0 +1,91 @@
+"""Peak RSS of mapping a prediction back to a large CT's source geometry (the memory claim of predict.py).
+
+    .venv/bin/python benchmarks/bench_predict_memory.py            # 512×512×400 CT, 3 classes
+
+Scenario: a source CT of (Z, Y, X) = 400×512×512 at 1.0×0.78×0.78 mm, preprocessed to 1.6×0.79×0.79 mm
+(Spleen-like), so the network output is (3, 250, 505, 505) float32 logits. Each mode runs in a fresh
+process and reports its peak RSS (ru_maxrss) next to the sizes of what it holds:
+
+- ``labels``: predict.py's default path — :func:`to_source_labels` (per-channel streaming argmax) and the
+  NIfTI write; never holds the K class maps at the source resolution.
+- ``probs``: ``--save_preds`` — all K probability maps at the source resolution (the reference's output).
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SHAPE = (400, 512, 512)
+SPACING = (1.0, 0.78, 0.78)
+TARGET = (1.6, 0.79, 0.79)
+N_CLASS = 3
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+
+def run(mode: str, shape=SHAPE, n_class: int = N_CLASS) -> dict:
+    from nnunet_jax.inference.predictor import (
+        Prediction,
+        save_prediction,
+        to_source_labels,
+        to_source_probabilities,
+    )
+    from nnunet_jax.preprocessing import CaseMeta, target_shape
+
+    resampled = target_shape(shape, SPACING, TARGET)
+    meta = CaseMeta(crop_box=[[0, s] for s in shape], original_shape=shape, cropped_shape=shape,
+                    resampled_shape=resampled, source_spacing=SPACING, target_spacing=TARGET,
+                    affine=np.diag([*SPACING[::-1], 1.0]), padding=np.zeros((3, 2)))
+    rng = np.random.default_rng(0)
+    logits = np.empty((n_class, *resampled), np.float32)
+    for c in range(n_class):  # smooth-ish logits: a few blobs, like a real output
+        logits[c] = rng.standard_normal(resampled, dtype=np.float32)
+    base = _rss_mb()
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        if mode == "labels":
+            labels = to_source_labels(logits, meta, "logits")
+            save_prediction(Prediction("ct", labels, meta.affine), tmp)
+        else:
+            probs = to_source_probabilities(logits, meta, "logits")
+            assert probs.shape == (n_class, *shape)
+    seconds = time.perf_counter() - t0
+    voxels = int(np.prod(shape))
+    return {"mode": mode, "source_shape": list(shape), "network_output_shape": [n_class, *resampled],
+            "peak_rss_mb": round(_rss_mb(), 1), "rss_before_mb": round(base, 1),
+            "logits_mb": round(logits.nbytes / 2**20, 1),
+            "one_source_channel_mb": round(voxels * 4 / 2**20, 1),
+            "all_source_channels_mb": round(n_class * voxels * 4 / 2**20, 1), "seconds": round(seconds, 1)}
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] in ("labels", "probs"):
+        print(json.dumps(run(sys.argv[1])))
+        return
+    rows = []
+    for mode in ("labels", "probs"):
+        out = subprocess.run([sys.executable, __file__, mode], capture_output=True, text=True, check=True)
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    print(f"source {SHAPE} (Z, Y, X), {N_CLASS} classes; network output {rows[0]['network_output_shape']} "
+          f"= {rows[0]['logits_mb']} MB; one source channel = {rows[0]['one_source_channel_mb']} MB, "
+          f"all = {rows[0]['all_source_channels_mb']} MB")
+    print(f"{'mode':<7} {'peak RSS MB':>12} {'before MB':>10} {'seconds':>8}")
+    for r in rows:
+        print(f"{r['mode']:<7} {r['peak_rss_mb']:>12} {r['rss_before_mb']:>10} {r['seconds']:>8}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,566 @@
+"""The predictor API: a volume or NIfTI file in, a label map in the source image's geometry out.
+
+    predictor = Predictor.from_checkpoints(["results/fold0", "results/fold1"], tta=True)
+    pred = predictor.predict("imagesTs/case_001.nii.gz")       # Prediction(labels (Z, Y, X), affine, header)
+    save_prediction(pred, "preds")                              # preds/case_001.nii.gz
+
+Pipeline (SPEC section 8): preprocess with the training run's plan (test mode) → sliding window (optionally
+flip TTA) per model → ensemble = mean of the softmax (one model: its logits) → back to the source geometry
+with :mod:`nnunet_jax.preprocessing` (per channel: undo padding, cubic resize, paste at the crop box), where
+the label map is an argmax streamed channel by channel, so a 512×512×400 CT never holds all its class maps
+at full resolution at once. BraTS region models (3 sigmoid outputs WT, TC, ET) become labels by thresholding
+at 0.5: WT → 2 (edema), TC → 1 (necrosis), ET → 3 (enhancing; 4 when the plan's labels use 4).
+
+The sliding window, TTA, checkpoint reader, model builder, PyTorch converter and preprocessing are the ones
+of the other modules; this file only composes them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+ApplyFn = Callable[[Any, jax.Array], jax.Array]
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+
+
+# --------------------------------------------------------------------------------------------- outputs
+
+
+@dataclass
+class Prediction:
+    """One predicted case. ``labels`` (Z, Y, X) uint8 in the source geometry when ``affine`` is known (a
+    NIfTI input or a preprocessed case with its meta), else in the preprocessed geometry."""
+
+    case: str
+    labels: np.ndarray
+    affine: np.ndarray | None = None
+    header: Any = None  # nibabel header of the source image, when known
+    probabilities: np.ndarray | None = None  # (K, Z, Y, X) float32, same geometry as labels, on request
+
+
+def regions_to_labels(probs: np.ndarray, threshold: float = 0.5, et_label: int = 3) -> np.ndarray:
+    """BraTS regions (3, *spatial) probabilities (WT, TC, ET) → labels: WT 2, TC 1, ET ``et_label``."""
+    probs = np.asarray(probs)
+    if probs.shape[0] != 3:
+        raise ValueError(f"BraTS region output needs 3 channels (WT, TC, ET), got shape {probs.shape}")
+    out = np.zeros(probs.shape[1:], np.uint8)
+    out[probs[0] > threshold] = 2
+    out[probs[1] > threshold] = 1
+    out[probs[2] > threshold] = et_label
+    return out
+
+
+def _atomic_save_npy(array: np.ndarray, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, array, allow_pickle=False)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_prediction(
+    pred: Prediction, out_dir: str | os.PathLike, *, nifti: bool = True, npy_labels: bool = False
+) -> list[Path]:
+    """Write ``<case>.nii.gz`` (label map; needs an affine), ``<case>.npy`` (probabilities, when present) and
+    with ``npy_labels`` ``<case>_pred.npy`` (label map). Returns the paths written."""
+    out_dir = Path(out_dir)
+    written = []
+    if nifti:
+        if pred.affine is None:
+            raise ValueError(f"case {pred.case!r}: no source geometry (affine) known; cannot write NIfTI")
+        from nnunet_jax.io import save_label_nifti
+
+        path = out_dir / f"{pred.case}.nii.gz"
+        written.append(save_label_nifti(pred.labels, pred.affine, pred.header, path))
+    if pred.probabilities is not None:
+        path = out_dir / f"{pred.case}.npy"
+        _atomic_save_npy(np.asarray(pred.probabilities, np.float32), path)
+        written.append(path)
+    if npy_labels:
+        path = out_dir / f"{pred.case}_pred.npy"
+        _atomic_save_npy(pred.labels, path)
+        written.append(path)
+    return written
+
+
+# ------------------------------------------------------------------------------------- source geometry
+
+
+def to_source_labels(
+    pred: np.ndarray, meta: Any, kind: str, brats: bool = False, et_label: int = 3
+) -> np.ndarray:
+    """(K, z, y, x) network output at the preprocessed geometry → uint8 labels (Z, Y, X) at the source.
+
+    ``kind``: "logits" (one model), "probs" (softmax ensemble) or, with ``brats``, region probabilities.
+    Streams per channel (:func:`nnunet_jax.preprocessing.restore_label_map`); a region c is restored as the
+    two-class map [1 - p_c, p_c] so its outside-the-crop fill is "absent".
+    """
+    from nnunet_jax.preprocessing import restore_label_map
+
+    if not brats:
+        return restore_label_map(pred, meta, kind)
+    masks = []
+    for c in range(pred.shape[0]):
+        p = pred[c]
+        masks.append(restore_label_map(np.stack([1.0 - p, p]), meta, "probs") == 1)
+    return regions_to_labels(np.stack(masks).astype(np.float32), 0.5, et_label)
+
+
+def to_source_probabilities(pred: np.ndarray, meta: Any, kind: str, brats: bool = False) -> np.ndarray:
+    """(K, Z, Y, X) float32 probabilities at the source geometry (softmax after resizing for logits, as the
+    reference; region probabilities are 0 outside the crop box)."""
+    from nnunet_jax.preprocessing import restore_to_source
+
+    if brats:
+        padded = np.concatenate([np.zeros_like(pred[:1]), pred])
+        return restore_to_source(padded, meta, "probs")[1:]
+    return restore_to_source(pred, meta, kind, softmax=kind == "logits")
+
+
+def _softmax(x: np.ndarray, axis: int = 0) -> np.ndarray:
+    x = x - x.max(axis=axis, keepdims=True)
+    e = np.exp(x)
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+# ------------------------------------------------------------------------------------------ the model
+
+
+class _Cfg(dict):
+    """Attribute access over a dict (the training helpers read ``config.x`` and ``config.get``)."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError as e:
+            raise AttributeError(name) from e
+
+
+def _default_config() -> dict[str, Any]:
+    from configs.default import get_config
+
+    return get_config().to_dict()
+
+
+def _workdir_of(mdir: Path) -> Path:
+    """``<results>/checkpoints/<kind>`` → ``<results>``."""
+    return mdir.parent.parent if mdir.parent.name == "checkpoints" else mdir.parent
+
+
+def read_run_settings(ckpt_path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """(config, plan) of the training run that wrote a checkpoint: its results dir's config.json, else the
+    defaults overlaid with the checkpoint's identity (plan None)."""
+    from nnunet_jax.training import checkpoint as ckpt_lib
+    from nnunet_jax.training.loop import CONFIG_FILE
+
+    mdir, _ = ckpt_lib.resolve_ckpt_path(ckpt_path)
+    settings_path = _workdir_of(mdir) / CONFIG_FILE
+    if settings_path.is_file():
+        settings = json.loads(settings_path.read_text())
+        return dict(settings["config"]), settings.get("plan")
+    config = _default_config()
+    kind = mdir.name if mdir.name in ("best", "last") else "last"
+    meta = ckpt_lib.read_meta(_workdir_of(mdir), kind) or {}
+    ident = meta.get("identity", {})
+    config.update(
+        {
+            k: ident[k]
+            for k in ("norm", "residual", "attention", "deep_supervision", "dim", "fold")
+            if k in ident
+        }
+    )
+    if ident.get("filters"):
+        config["filters"] = list(ident["filters"])
+    return config, None
+
+
+def restore_variables(
+    ckpt_path: str | os.PathLike, config: Mapping[str, Any], plan: Mapping[str, Any], mesh: Any
+) -> dict[str, Any]:
+    """The model variables (params, batch_stats) of an Orbax checkpoint, restored as training restores it
+    (target = the run's state structure), returned as host numpy trees."""
+    from nnunet_jax.training import checkpoint as ckpt_lib
+    from nnunet_jax.training import optim
+    from nnunet_jax.training import step as step_lib
+    from nnunet_jax.training.loop import build_model
+
+    cfg = _Cfg(config)
+    model = build_model(_Cfg(dict(config, amp=False)), dict(plan))
+    fp16 = bool(cfg.get("amp")) and cfg.get("amp_dtype") == "fp16"
+    tx = optim.make_optimizer(cfg)
+    input_shape = (*map(int, plan["patch_size"]), int(plan["in_channels"]))
+    target = step_lib.abstract_state(model, tx, input_shape, mesh, fp16)
+    state, _ = ckpt_lib.restore_path(ckpt_path, target)
+    return step_lib.to_numpy_tree(step_lib.eval_variables(state))
+
+
+def load_plan(plan: str | os.PathLike | Mapping[str, Any]) -> dict[str, Any]:
+    """plan.json (a file, a folder holding one, or the dict itself)."""
+    if isinstance(plan, Mapping):
+        return dict(plan)
+    path = Path(plan)
+    if path.is_dir():
+        path = path / "plan.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no plan.json (preprocess the training data first)")
+    return json.loads(path.read_text())
+
+
+# --------------------------------------------------------------------------------------- the predictor
+
+
+class Predictor:
+    """Sliding-window prediction with one model or a fold ensemble, plus the export to the source geometry.
+
+    ``apply_fn(variables, windows)`` maps ``(B, *patch, C)`` to ``(B, *patch, K)`` logits; ``variables`` is a
+    list (one entry per ensemble member). Use :meth:`from_checkpoints`, :meth:`from_torch` or
+    :meth:`from_model` rather than this constructor unless you bring your own forward.
+    """
+
+    def __init__(
+        self,
+        plan: str | os.PathLike | Mapping[str, Any],
+        apply_fn: ApplyFn,
+        variables: Sequence[Any],
+        *,
+        tta: bool = False,
+        overlap: float = 0.5,
+        blend: str = "gaussian",
+        batch_size: int = 4,
+        brats: bool = False,
+        mesh: Any = None,
+    ):
+        if not variables:
+            raise ValueError("Predictor needs at least one set of model variables")
+        self.plan = load_plan(plan)
+        self.dim = int(self.plan["dim"])
+        self.patch = tuple(int(p) for p in self.plan["patch_size"])
+        self.n_class = int(self.plan["n_class"])
+        self.apply_fn = apply_fn
+        self.tta, self.overlap, self.blend = tta, overlap, blend
+        self.batch_size, self.brats = batch_size, brats
+        labels = {str(k) for k in self.plan.get("labels", {})}
+        self.et_label = 4 if "4" in labels else 3
+        if mesh is None:
+            self.variables = [jax.device_put(v) for v in variables]
+        else:
+            from nnunet_jax import parallel
+
+            self.variables = [jax.device_put(v, parallel.replicated(mesh)) for v in variables]
+
+    # -- constructors
+
+    @classmethod
+    def from_model(
+        cls, plan: Any, model: Any, variables: Sequence[Any], *, batch_size: int = 4, **options: Any
+    ) -> Predictor:
+        """Our UNet and its variables; windows are split over the local devices."""
+        from nnunet_jax import parallel
+        from nnunet_jax.training.evaluation import make_apply_fn, window_batch
+
+        mesh = parallel.local_mesh()
+        return cls(
+            plan,
+            make_apply_fn(model, mesh),
+            variables,
+            batch_size=window_batch(batch_size, mesh),
+            mesh=mesh,
+            **options,
+        )
+
+    @classmethod
+    def from_checkpoints(
+        cls,
+        paths: Sequence[str | os.PathLike] | str | os.PathLike,
+        plan: Any = None,
+        *,
+        amp: bool = False,
+        amp_dtype: str = "bf16",
+        **options: Any,
+    ) -> Predictor:
+        """Orbax checkpoints of training runs (results dirs, ``checkpoints/best``, or one step dir); several
+        = a fold ensemble (mean of softmax). The model options come from each run's config.json."""
+        from nnunet_jax import parallel
+        from nnunet_jax.training.loop import build_model
+
+        paths = [paths] if isinstance(paths, str | os.PathLike) else list(paths)
+        if not paths:
+            raise ValueError("no checkpoint given")
+        mesh = parallel.local_mesh()
+        variables, configs = [], []
+        for p in paths:
+            config, run_plan = read_run_settings(p)
+            the_plan = load_plan(plan) if plan is not None else run_plan
+            if the_plan is None:
+                raise FileNotFoundError(f"{p}: the run's config.json is missing; pass the plan (plan.json)")
+            variables.append(restore_variables(p, config, the_plan, mesh))
+            configs.append((config, the_plan))
+        config, the_plan = configs[0]
+        model = build_model(_Cfg(dict(config, amp=amp, amp_dtype=amp_dtype)), the_plan)
+        return cls.from_model(the_plan, model, variables, **options)
+
+    @classmethod
+    def from_torch(
+        cls,
+        path: str | os.PathLike,
+        plan: Any,
+        *,
+        amp: bool = False,
+        amp_dtype: str = "bf16",
+        model_options: Mapping[str, Any] | None = None,
+        **options: Any,
+    ) -> Predictor:
+        """A PyTorch nnU-Net / MONAI DynUNet state dict (``.pt``/``.ckpt``) through :mod:`nnunet_jax.convert`.
+        ``model_options`` are UNet options (filters, norm, residual, deep_supervision, ...)."""
+        from nnunet_jax.convert import load_torch_checkpoint
+        from nnunet_jax.models.unet import UNet
+
+        the_plan = load_plan(plan)
+        opts = dict(model_options or {})
+        template = UNet.from_topology(the_plan["topology"], int(the_plan["n_class"]), **opts)
+        variables = load_torch_checkpoint(path, template, int(the_plan["in_channels"]))
+        if amp:
+            opts["dtype"] = jnp.float16 if amp_dtype == "fp16" else jnp.bfloat16
+        model = UNet.from_topology(the_plan["topology"], int(the_plan["n_class"]), **opts)
+        return cls.from_model(the_plan, model, [variables], **options)
+
+    # -- the network part
+
+    @property
+    def output_kind(self) -> str:
+        """What :meth:`predict_preprocessed` returns: logits (one model), probs (ensemble), region probs."""
+        if self.brats:
+            return "regions"
+        return "logits" if len(self.variables) == 1 else "probs"
+
+    def _window_logits(self, volume: np.ndarray, variables: Any) -> np.ndarray:
+        """(C, *spatial) → (K, *spatial) float32 logits; 2D plans run slice by slice along Z."""
+        from nnunet_jax.data.layout import to_channels_first, to_channels_last
+        from nnunet_jax.inference.sliding_window import sliding_window_inference
+
+        def run(v: np.ndarray) -> np.ndarray:
+            vol = to_channels_last(v, self.dim)
+            out = sliding_window_inference(
+                vol,
+                self.apply_fn,
+                variables,
+                self.patch,
+                overlap=self.overlap,
+                blend=self.blend,
+                batch_size=self.batch_size,
+                tta=self.tta,
+            )
+            return np.asarray(to_channels_first(out, self.dim))
+
+        if self.dim == 3:
+            return run(volume)
+        return np.stack([run(volume[:, z]) for z in range(volume.shape[1])], axis=1)
+
+    def predict_preprocessed(self, x: np.ndarray) -> np.ndarray:
+        """A preprocessed case (C, Z, Y, X) → (K, Z, Y, X) float32 of :attr:`output_kind`."""
+        x = np.asarray(x, np.float32)
+        in_ch = int(self.plan.get("in_channels", x.shape[0]))
+        if x.ndim != 4 or x.shape[0] != in_ch:
+            raise ValueError(f"expected a preprocessed (C={in_ch}, Z, Y, X) volume, got shape {x.shape}")
+        if len(self.variables) == 1 and not self.brats:
+            return self._window_logits(x, self.variables[0])
+        total = None
+        for v in self.variables:
+            logits = self._window_logits(x, v)
+            p = 1.0 / (1.0 + np.exp(-logits)) if self.brats else _softmax(logits)
+            total = p if total is None else total + p
+        return (total / len(self.variables)).astype(np.float32)
+
+    # -- whole cases
+
+    def labels_from_output(self, out: np.ndarray, meta: Any = None) -> np.ndarray:
+        """Labels of :meth:`predict_preprocessed`'s output; in the source geometry when ``meta`` is given."""
+        kind = "probs" if self.output_kind == "regions" else self.output_kind
+        if meta is not None:
+            return to_source_labels(out, meta, kind, self.brats, self.et_label)
+        if self.brats:
+            return regions_to_labels(out, 0.5, self.et_label)
+        return np.argmax(out, axis=0).astype(np.uint8)
+
+    def probabilities_from_output(self, out: np.ndarray, meta: Any = None) -> np.ndarray:
+        kind = "probs" if self.output_kind == "regions" else self.output_kind
+        if meta is not None:
+            return to_source_probabilities(out, meta, kind, self.brats)
+        return _softmax(out).astype(np.float32) if kind == "logits" else out
+
+    def preprocess(
+        self, image: np.ndarray, spacing: Sequence[float], affine: np.ndarray | None = None, case: str = "?"
+    ) -> tuple[np.ndarray, Any]:
+        """Test-mode preprocessing with the plan (crop, resample, normalise) → (x, meta)."""
+        from nnunet_jax.preprocessing import preprocess_case
+
+        x, _, meta = preprocess_case(
+            image,
+            None,
+            spacing,
+            target_spacing=self.plan["spacing"],
+            patch_size=self.patch,
+            dim=self.dim,
+            normalization=self.plan.get("normalization", "MRI"),
+            ct_stats=self.plan.get("ct_stats"),
+            mode="test",
+            affine=affine,
+            case=case,
+        )
+        return x, meta
+
+    def predict(
+        self,
+        source: str | os.PathLike | np.ndarray,
+        *,
+        spacing: Sequence[float] | None = None,
+        affine: np.ndarray | None = None,
+        meta: Any = None,
+        preprocessed: bool = False,
+        probabilities: bool = False,
+        case: str | None = None,
+    ) -> Prediction:
+        """Predict one case.
+
+        ``source`` is a NIfTI path (a 3D or 4D MSD image), or an array: a raw image (C, Z, Y, X) or (Z, Y, X)
+        with its ``spacing`` (Z, Y, X; default: the plan's, i.e. no resampling) that is preprocessed here, or
+        with ``preprocessed=True`` an already preprocessed (C, Z, Y, X) volume (then ``meta``, if given, maps
+        the result back to the source). ``probabilities`` also returns the (K, Z, Y, X) probabilities.
+        """
+        header = None
+        if isinstance(source, str | os.PathLike):
+            from nnunet_jax.io import case_name, load_case
+
+            loaded = load_case(source, n_channels=self.plan.get("in_channels"))
+            case = case or case_name(source)
+            x, meta = self.preprocess(loaded.image, loaded.spacing, loaded.affine, case)
+            affine, header = loaded.affine, loaded.header
+        else:
+            case = case or "case"
+            image = np.asarray(source, np.float32)
+            if image.ndim == 3:
+                image = image[None]
+            if preprocessed:
+                x = image
+                if meta is not None and affine is None:
+                    affine = meta.affine  # the source image's, recorded by preprocessing
+            else:
+                sp = spacing if spacing is not None else self._default_spacing()
+                x, meta = self.preprocess(image, sp, affine, case)
+        out = self.predict_preprocessed(x)
+        labels = self.labels_from_output(out, meta)
+        probs = self.probabilities_from_output(out, meta) if probabilities else None
+        return Prediction(case, labels, affine, header, probs)
+
+    def _default_spacing(self) -> tuple[float, float, float]:
+        sp = [float(s) for s in self.plan["spacing"]]
+        return tuple(sp) if len(sp) == 3 else (1.0, *sp)
+
+
+# ------------------------------------------------------------------------------------------- folders
+
+
+def source_images(plan: Mapping[str, Any], raw: str | os.PathLike | None = None) -> dict[str, Path]:
+    """``{case: source NIfTI}`` from ``raw`` (a folder of images) or the plan's dataset (``source.data``), so
+    predictions of preprocessed cases get the source header; empty when neither can be read."""
+    from nnunet_jax.io import case_name
+
+    if raw is not None:
+        return {case_name(p): p for p in sorted(Path(raw).iterdir()) if p.name.endswith(NIFTI_SUFFIXES)}
+    root = (plan.get("source") or {}).get("data")
+    if not root or not (Path(root) / "dataset.json").is_file():
+        return {}
+    try:
+        from preprocess.dataset import load_dataset
+
+        ds = load_dataset(root, check_files=False)
+    except Exception:  # a moved or edited dataset: predictions still get the affine from the meta
+        return {}
+    return {c.name: c.image for c in (*ds.training, *ds.test)}
+
+
+def _header(path: Path | None) -> Any:
+    if path is None or not Path(path).is_file():
+        return None
+    import nibabel as nib
+
+    return nib.load(str(path)).header
+
+
+def find_inputs(data: Sequence[str | os.PathLike]) -> tuple[list[Path], list[Path]]:
+    """Split ``--data`` into preprocessed cases (``<case>_x.npy`` of folders holding them) and NIfTI files
+    (given directly or as the NIfTI files of a folder)."""
+    npy, nifti = [], []
+    for item in data:
+        if not str(item).strip():  # "a,b," on the command line
+            continue
+        p = Path(item)
+        if p.is_dir():
+            xs = sorted(p.glob("*_x.npy"))
+            if xs:
+                npy.extend(xs)
+            else:
+                found = sorted(q for q in p.iterdir() if q.name.endswith(NIFTI_SUFFIXES))
+                if not found:
+                    raise FileNotFoundError(f"{p}: neither preprocessed <case>_x.npy nor NIfTI files")
+                nifti.extend(found)
+        elif p.name.endswith(NIFTI_SUFFIXES) and p.is_file():
+            nifti.append(p)
+        elif p.name.endswith("_x.npy") and p.is_file():
+            npy.append(p)
+        else:
+            raise FileNotFoundError(f"{p}: not a folder, a NIfTI file or a preprocessed <case>_x.npy")
+    return npy, nifti
+
+
+def predict_inputs(
+    predictor: Predictor,
+    data: Sequence[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    *,
+    save_nifti: bool = True,
+    save_preds: bool = False,
+    raw: str | os.PathLike | None = None,
+    log: Callable[[str], None] = print,
+) -> list[Path]:
+    """Predict every case of ``data`` into ``out_dir``: ``<case>.nii.gz`` label maps in the source geometry,
+    with ``save_preds`` ``<case>.npy`` probabilities (K, Z, Y, X); preprocessed cases without ``save_nifti``
+    get ``<case>_pred.npy`` label maps. Returns the files written."""
+    from nnunet_jax.preprocessing import CaseMeta
+
+    npy, nifti = find_inputs(data)
+    headers = source_images(predictor.plan, raw) if npy else {}
+    written: list[Path] = []
+    for x_path in npy:
+        case = x_path.name[: -len("_x.npy")]
+        meta_path = x_path.with_name(f"{case}_meta.npy")
+        meta = CaseMeta.load(meta_path) if meta_path.is_file() else None
+        if meta is None and save_nifti:
+            raise FileNotFoundError(f"{meta_path} is missing: cannot map case {case!r} back to its source")
+        pred = predictor.predict(
+            np.load(x_path), preprocessed=True, meta=meta, probabilities=save_preds, case=case
+        )
+        pred.header = _header(headers.get(case))
+        files = save_prediction(pred, out_dir, nifti=save_nifti, npy_labels=not save_nifti)
+        written += files
+        log(f"{case}: {', '.join(p.name for p in files)}")
+    for path in nifti:
+        pred = predictor.predict(path, probabilities=save_preds)
+        files = save_prediction(pred, out_dir, nifti=True)
+        written += files
+        log(f"{pred.case}: {', '.join(p.name for p in files)}")
+    return written

@@ -1,0 +1,164 @@
+"""evaluate.py: SPEC section 4 Dice, HD95 / NSD in mm with the label's spacing, file matching and outputs."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from nnunet_jax import evaluation
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _nii(path: Path, data: np.ndarray, pixdim=(1.0, 1.0, 1.0)) -> None:
+    nib.save(nib.Nifti1Image(data.astype(np.uint8), np.diag([*pixdim, 1.0])), path)
+
+
+def _case_a() -> tuple[np.ndarray, np.ndarray]:
+    """(X, Y, Z) label / prediction with hand-countable overlaps (see test_dice_by_hand)."""
+    lab = np.zeros((6, 4, 3), np.uint8)
+    lab[0:3, 0:2, 0] = 1  # 6 voxels of class 1
+    pred = np.zeros_like(lab)
+    pred[0:2, 0:2, 0] = 1  # TP = 4, FN = 2
+    pred[5, 0:2, 2] = 1  # FP = 2
+    pred[5, 3, 2] = 3  # class 3 predicted, absent from the label
+    return pred, lab
+
+
+def _case_b() -> tuple[np.ndarray, np.ndarray]:
+    lab = np.zeros((5, 5, 2), np.uint8)
+    lab[1:3, 1:3, :] = 1
+    lab[4, 4, 1] = 2
+    return lab.copy(), lab
+
+
+@pytest.fixture()
+def folders(tmp_path):
+    preds, lbls = tmp_path / "preds", tmp_path / "lbls"
+    preds.mkdir()
+    lbls.mkdir()
+    for name, (p, lab) in {"a": _case_a(), "b": _case_b()}.items():
+        _nii(preds / f"{name}.nii.gz", p)
+        _nii(lbls / f"{name}.nii.gz", lab)
+    _nii(lbls / "missing.nii.gz", np.zeros((3, 3, 3)))
+    _nii(preds / "extra.nii.gz", np.zeros((3, 3, 3)))
+    _nii(lbls / "badshape.nii.gz", np.zeros((3, 3, 3)))
+    _nii(preds / "badshape.nii.gz", np.zeros((3, 3, 4)))
+    _nii(lbls / "corrupt.nii.gz", np.zeros((3, 3, 3)))
+    (preds / "corrupt.nii.gz").write_bytes(b"not a nifti file")
+    (preds / "notes.txt").write_text("ignored")
+    return preds, lbls
+
+
+def test_dice_by_hand(folders):
+    report = evaluation.evaluate_folders(*folders)
+    assert report.n_class == 4  # 1 + the largest value seen (3, predicted in case a)
+    # case a: class 1 2TP / (2TP + FP + FN) = 8 / 12; class 2 absent from both → 1; class 3 only predicted → 0
+    np.testing.assert_allclose(report.cases["a"]["dice"], [8 / 12, 1.0, 0.0], atol=1e-6)
+    np.testing.assert_allclose(report.cases["b"]["dice"], [1.0, 1.0, 1.0])
+    np.testing.assert_allclose(report.mean()["dice"], [(8 / 12 + 1) / 2, 1.0, 0.5], atol=1e-6)
+    assert report.summary()["dice"] == pytest.approx(((8 / 12 + 1) / 2 + 1.0 + 0.5) / 3)
+    # problems by name, not crashes
+    assert report.missing == ["missing"] and report.extra == ["extra"]
+    assert set(report.errors) == {"badshape", "corrupt"}
+    assert "(3, 3, 3)" in report.errors["badshape"] or "(4, 3, 3)" in report.errors["badshape"]
+    assert "corrupt" in report.errors["corrupt"]
+
+
+def test_surface_metrics_use_the_label_spacing(tmp_path):
+    """One voxel each, 3 voxels apart along NIfTI X with pixdim X = 0.5 mm → 1.5 mm (Z would give 6)."""
+    preds, lbls = tmp_path / "p", tmp_path / "l"
+    preds.mkdir()
+    lbls.mkdir()
+    p, lab = np.zeros((6, 4, 4), np.uint8), np.zeros((6, 4, 4), np.uint8)
+    p[0, 1, 1], lab[3, 1, 1] = 1, 1
+    # lines 2 voxels apart along Y (1 mm): every distance is 2 mm
+    p[0:4, 0, 3], lab[0:4, 2, 3] = 2, 2
+    _nii(preds / "c.nii.gz", p, (0.5, 1.0, 2.0))
+    _nii(lbls / "c.nii.gz", lab, (0.5, 1.0, 2.0))
+    r = evaluation.evaluate_folders(preds, lbls, hd95=True, nsd=True, nsd_tolerance=1.0)
+    np.testing.assert_allclose(r.cases["c"]["hd95"], [1.5, 2.0])
+    np.testing.assert_allclose(r.cases["c"]["nsd"], [0.0, 0.0])
+    r = evaluation.evaluate_folders(preds, lbls, hd95=True, nsd=True, nsd_tolerance=1.75)
+    np.testing.assert_allclose(r.cases["c"]["nsd"], [1.0, 0.0])
+    np.testing.assert_allclose(r.cases["c"]["dice"], [0.0, 0.0])
+
+
+def test_hd95_percentile_by_hand():
+    """Label: a row of 21 voxels; prediction: the same row with its last voxel moved 10 voxels away.
+
+    Thin rows are all surface. Prediction → label: 20 zeros and one 10; label → prediction: 20 zeros and one
+    1. With 21 sorted values the 95th percentile sits at index 0.95 · 20 = 19, a zero on both sides: HD95 = 0
+    where the plain Hausdorff distance would be 10.
+    """
+    lab = np.zeros((1, 1, 40), np.int32)
+    lab[0, 0, :21] = 1
+    pred = lab.copy()
+    pred[0, 0, 20] = 0
+    pred[0, 0, 30] = 1
+    scores = evaluation.score_case(pred, lab, 2, (1.0, 1.0, 1.0), ("dice", "hd95", "nsd"), 0.5)
+    assert scores["hd95"] == [0.0]
+    assert scores["nsd"] == pytest.approx([40 / 42])  # all but the moved voxel and label voxel 20
+    assert scores["dice"] == pytest.approx([40 / 42])
+
+
+def test_npy_predictions_and_preprocessed_labels(tmp_path):
+    """(C, Z, Y, X) float probabilities are argmaxed; <case>_y.npy labels (1, Z, Y, X) match <case>."""
+    preds, lbls = tmp_path / "p", tmp_path / "l"
+    preds.mkdir()
+    lbls.mkdir()
+    lab = np.zeros((1, 3, 4, 5), np.uint8)
+    lab[0, 1, 1:3, 1:4] = 1
+    probs = np.zeros((2, 3, 4, 5), np.float32)
+    probs[0] = 0.9
+    probs[1, 1, 1:3, 1:3] = 0.95  # 4 of the 6 label voxels
+    np.save(preds / "k.npy", probs)
+    np.save(lbls / "k_y.npy", lab)
+    np.save(lbls / "k_x.npy", np.zeros((1, 3, 4, 5), np.float32))  # images are no labels
+    r = evaluation.evaluate_folders(preds, lbls, n_class=2)
+    assert list(r.cases) == ["k"] and not r.missing and not r.extra
+    assert r.cases["k"]["dice"] == pytest.approx([8 / 10])
+
+
+def test_outputs_json_csv_and_cli(folders, tmp_path):
+    preds, lbls = folders
+    out_json, out_csv = tmp_path / "r.json", tmp_path / "r.csv"
+    evaluate = [sys.executable, str(ROOT / "evaluate.py")]
+    proc = subprocess.run([*evaluate, "--preds", str(preds), "--lbls", str(lbls),
+                           "--hd95", "--nsd", "--out_json", str(out_json), "--out_csv", str(out_csv)],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    want = ((8 / 12 + 1) / 2 + 1.0 + 0.5) / 3
+    assert f"mean dice: {want:.4f}" in proc.stdout
+    assert "missing predictions (1): missing" in proc.stdout and "extra predictions (1): extra" in proc.stdout
+    assert "skipped corrupt" in proc.stdout and "skipped badshape" in proc.stdout
+    doc = json.loads(out_json.read_text())
+    assert doc["mean"]["mean dice"] == pytest.approx(want)
+    assert doc["missing_predictions"] == ["missing"] and set(doc["errors"]) == {"badshape", "corrupt"}
+    assert doc["cases"]["a"]["hd95"][2] is None  # class 3 only predicted: inf → null in JSON
+    rows = list(csv.reader(out_csv.open()))
+    assert rows[0][:4] == ["case", "dice_1", "dice_2", "dice_3"] and len(rows[0]) == 10
+    assert [r[0] for r in rows[1:]] == ["a", "b", "mean"]
+    assert float(rows[1][1]) == pytest.approx(8 / 12)
+    # nothing to score: non-zero exit
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    proc = subprocess.run([*evaluate, "--preds", str(empty), "--lbls", str(lbls)],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 1 and "missing predictions (5)" in proc.stdout
+
+
+def test_case_names():
+    assert evaluation.case_of("x/BRATS_001.nii.gz") == "BRATS_001"
+    assert evaluation.case_of("BRATS_001_y.npy") == "BRATS_001"
+    assert evaluation.case_of("BRATS_001_pred.npy") == "BRATS_001"
+    assert evaluation.case_of("BRATS_001_x.npy") is None
+    assert evaluation.case_of("BRATS_001_meta.npy") is None
+    assert evaluation.case_of("evaluation.json") is None
