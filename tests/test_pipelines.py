@@ -128,6 +128,9 @@ def test_dataset_index_and_errors(tmp_path):
     assert (ds.dim, ds.patch_size, ds.n_class, ds.in_channels) == (3, (16, 16, 16), 2, 2)
     assert ds.fold(2) == split_cases(cases, 2)
     assert ds.shape("case_03") == (2, 4, 5, 6)
+    # Test cases live in <root>/test (preprocessed separately), so their absence here is fine.
+    (root / "t0_x.npy").unlink()
+    assert PreprocessedDataset.open(root).test == ("t0",)
 
     (root / "case_04_y.npy").unlink()
     with pytest.raises(DatasetError, match="case_04"):

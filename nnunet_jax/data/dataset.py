@@ -15,13 +15,14 @@ from typing import Any
 import numpy as np
 
 from nnunet_jax.data.folds import split_cases
+from nnunet_jax.io import DatasetError
+
+__all__ = ["DatasetError", "PreprocessedDataset"]
 
 PLAN_FILE = "plan.json"
 _REQUIRED_PLAN_KEYS = ("dim", "patch_size", "n_class", "in_channels")
 
 
-class DatasetError(ValueError):
-    """A preprocessed dataset directory that cannot be used as it is."""
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,9 @@ class PreprocessedDataset:
         else:  # an older plan without a case list: every case with a label is a training case
             training = [c for c in on_disk if (root / f"{c}_y.npy").is_file()]
             test = [c for c in on_disk if c not in training]
-        absent = [c for c in training + test if not (root / f"{c}_x.npy").is_file()]
+        # Test cases are preprocessed separately into <root>/test (exec_mode test); only training cases must
+        # be here. The plan's test list names the cases a later `--exec_mode test` run will write.
+        absent = [c for c in training if not (root / f"{c}_x.npy").is_file()]
         if absent:
             raise DatasetError(
                 f"{root}: plan.json lists cases without an image file: "
