@@ -1,0 +1,1 @@
+"""Training: state, optimizer factory, jitted steps, Orbax checkpoints and the epoch loop."""

@@ -1,0 +1,106 @@
+"""Orbax checkpoints ``last`` and ``best`` under ``<results>/checkpoints``.
+
+Each is a ``CheckpointManager`` keeping one step: Orbax writes a step into a temporary directory and renames
+it when complete, and drops the older step only after that, so a crash while saving leaves the previous
+checkpoint usable (tests/test_training_checkpoint.py kills a process mid-save). Every save stores the whole
+:class:`TrainState` plus a small JSON ``meta`` (task, dim, fold, topology, epoch) that lets a run refuse
+another task's checkpoint. Restores always pass a target (shapes, dtypes, shardings), so optimizer namedtuples
+come back as namedtuples. ``close()`` waits for pending saves: the process never exits mid-write or hangs.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import orbax.checkpoint as ocp
+
+KINDS = ("last", "best")
+
+
+def _manager(path: Path) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(max_to_keep=1, create=True)
+    return ocp.CheckpointManager(path.absolute(), options=options, item_names=("state", "meta"))
+
+
+class Checkpoints:
+    """The ``last`` and ``best`` checkpoints of one results directory."""
+
+    def __init__(self, workdir: str | Path):
+        self.root = Path(workdir).absolute() / "checkpoints"
+        self.managers = {k: _manager(self.root / k) for k in KINDS}
+
+    def save(self, kind: str, step: int, state: Any, meta: dict[str, Any]) -> None:
+        """Start an (asynchronous) save; a step already present in ``kind`` is left as it is."""
+        mngr = self.managers[kind]
+        if step in mngr.all_steps():
+            return
+        mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                meta=ocp.args.JsonSave(meta)))
+
+    def latest_step(self, kind: str = "last") -> int | None:
+        return self.managers[kind].latest_step()
+
+    def restore(self, kind: str, target: Any, step: int | None = None) -> tuple[Any, dict[str, Any]]:
+        return restore_from(self.managers[kind], target, step)
+
+    def wait(self) -> None:
+        for m in self.managers.values():
+            m.wait_until_finished()
+
+    def close(self) -> None:
+        for m in self.managers.values():
+            m.wait_until_finished()
+            m.close()
+
+
+def restore_from(mngr: ocp.CheckpointManager, target: Any, step: int | None = None) -> tuple[Any, dict]:
+    step = mngr.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"no finished checkpoint in {mngr.directory}")
+    out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
+                                                     meta=ocp.args.JsonRestore()))
+    return out["state"], dict(out["meta"])
+
+
+def read_meta(workdir: str | Path, kind: str = "last") -> dict[str, Any] | None:
+    """The ``meta`` JSON of the newest finished checkpoint, read without JAX (pre-flight checks)."""
+    path = Path(workdir).absolute() / "checkpoints" / kind
+    steps = sorted((int(p.name), p) for p in path.glob("*") if p.is_dir() and p.name.isdigit())
+    if not steps:
+        return None
+    meta = steps[-1][1] / "meta" / "metadata"
+    if not meta.exists():
+        return None
+    return json.loads(meta.read_text())
+
+
+def resolve_ckpt_path(path: str | Path) -> tuple[Path, int | None]:
+    """``--ckpt_path`` may name a results dir, its ``checkpoints`` dir, a ``last``/``best`` manager dir or one
+    step dir; returns (manager dir, step or None for the latest)."""
+    p = Path(path).absolute()
+    if not p.exists():
+        raise FileNotFoundError(f"--ckpt_path {p} does not exist")
+    if re.fullmatch(r"\d+", p.name):
+        return p.parent, int(p.name)
+    for base in (p / "checkpoints", p):
+        for kind in ("best", "last"):
+            d = base / kind
+            if d.is_dir() and any(c.name.isdigit() for c in d.iterdir()):
+                return d, None
+    if any(c.name.isdigit() for c in p.iterdir()):
+        return p, None
+    raise FileNotFoundError(f"--ckpt_path {p} holds no finished checkpoint")
+
+
+def restore_path(path: str | Path, target: Any) -> tuple[Any, dict[str, Any]]:
+    """Restore the state (and meta) from whatever ``--ckpt_path`` names."""
+    mdir, step = resolve_ckpt_path(path)
+    mngr = ocp.CheckpointManager(mdir, options=ocp.CheckpointManagerOptions(read_only=True),
+                                 item_names=("state", "meta"))
+    try:
+        return restore_from(mngr, target, step)
+    finally:
+        mngr.close()
