@@ -1,1 +1,1 @@
-"""ml_collections configs: the MSD task table (``tasks``) and the training/inference defaults (``default``)."""
+"""ml_collections configs: the MSD task table (``tasks``) and the training defaults (``default``)."""
