@@ -35,7 +35,11 @@ flags.DEFINE_enum("blend", "gaussian", ["gaussian", "constant"], "Sliding-window
 flags.DEFINE_integer("val_batch_size", 4, "Windows per forward pass.")
 flags.DEFINE_boolean("save_preds", False, "Also save float probabilities <case>.npy (C, Z, Y, X).")
 flags.DEFINE_boolean("save_nifti", True, "Save NIfTI label maps in the source geometry.")
-flags.DEFINE_boolean("brats", False, "The model has BraTS region outputs (WT, TC, ET sigmoids).")
+flags.DEFINE_integer("fold", None, "Predict only this fold's validation cases of the preprocessed folder "
+                     "(the reference's 5-fold split of the plan's training cases).")
+flags.DEFINE_boolean("overlays", False, "Also draw <case>_overlay.png: the mask over slices of its image.")
+flags.DEFINE_boolean("brats", False, "The model has BraTS region outputs (WT, TC, ET sigmoids); Orbax "
+                     "checkpoints of --brats runs say so themselves.")
 # Model options for --torch_ckpt (Orbax checkpoints carry their own).
 flags.DEFINE_list("filters", None, "Per-level filters of the PyTorch model (default: the plan's).")
 flags.DEFINE_enum("norm", "instance", ["instance", "batch", "group"], "Normalisation of the PyTorch model.")
@@ -64,8 +68,9 @@ def main(argv: list[str]) -> int:
 
     if bool(FLAGS.ckpt_path) == bool(FLAGS.torch_ckpt):
         raise app.UsageError("give either --ckpt_path (one or more) or --torch_ckpt")
-    options = dict(tta=FLAGS.tta, overlap=FLAGS.overlap, blend=FLAGS.blend, batch_size=FLAGS.val_batch_size,
-                   brats=FLAGS.brats)
+    options = dict(tta=FLAGS.tta, overlap=FLAGS.overlap, blend=FLAGS.blend, batch_size=FLAGS.val_batch_size)
+    # Orbax runs record whether they are region models: --brats only has to agree when it is given.
+    brats = FLAGS.brats if FLAGS.torch_ckpt or FLAGS["brats"].present else None
     plan = _plan_path()
     try:
         if FLAGS.torch_ckpt:
@@ -75,12 +80,18 @@ def main(argv: list[str]) -> int:
                                  deep_supervision=FLAGS.deep_supervision, deep_supr_num=FLAGS.deep_supr_num,
                                  filters=tuple(int(f) for f in FLAGS.filters) if FLAGS.filters else None)
             predictor = Predictor.from_torch(FLAGS.torch_ckpt, plan, amp=FLAGS.amp, amp_dtype=FLAGS.amp_dtype,
-                                             model_options=model_options, **options)
+                                             model_options=model_options, brats=brats, **options)
         else:
             predictor = Predictor.from_checkpoints(FLAGS.ckpt_path, plan, amp=FLAGS.amp,
-                                                   amp_dtype=FLAGS.amp_dtype, **options)
+                                                   amp_dtype=FLAGS.amp_dtype, brats=brats, **options)
+        cases = None
+        if FLAGS.fold is not None:
+            from nnunet_jax.data.folds import split_cases
+
+            cases = split_cases(predictor.plan["cases"]["training"], FLAGS.fold)[1]
         written = predict_inputs(predictor, FLAGS.data, FLAGS.results, save_nifti=FLAGS.save_nifti,
-                                 save_preds=FLAGS.save_preds, raw=FLAGS.raw)
+                                 save_preds=FLAGS.save_preds, raw=FLAGS.raw, cases=cases,
+                                 overlays=FLAGS.overlays)
     except (FileNotFoundError, ValueError) as e:
         print(f"predict: {e}", file=sys.stderr)
         return 2

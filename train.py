@@ -15,6 +15,7 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from configs.default import get_config  # noqa: E402
+from configs.help import FLAG_HELP  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
 CHOICES = {"exec_mode": ["train", "evaluate"], "norm": ["instance", "batch", "group"],
@@ -22,17 +23,18 @@ CHOICES = {"exec_mode": ["train", "evaluate"], "norm": ["instance", "batch", "gr
            "blend": ["gaussian", "constant"], "amp_dtype": ["bf16", "fp16"]}
 INT_LISTS = ("steps", "filters")
 
-config_flags.DEFINE_config_file("config", str(ROOT / "configs" / "default.py"), "ml_collections config file")
+config_flags.DEFINE_config_file("config", str(ROOT / "configs" / "default.py"),
+                                "ml_collections config file; its fields can be set as --config.<name>=value")
 
 
 def _define_flags() -> None:
     """One absl flag per config field, same name and default."""
     for name, value in get_config().items():
-        help_ = f"(default {value!r})"
+        help_ = FLAG_HELP.get(name, "")
         if name in CHOICES:
             flags.DEFINE_enum(name, value, CHOICES[name], help_)
         elif name in INT_LISTS:
-            flags.DEFINE_list(name, [str(v) for v in value], "comma-separated integers " + help_)
+            flags.DEFINE_list(name, [str(v) for v in value], help_)
         elif isinstance(value, bool):
             flags.DEFINE_bool(name, value, help_)
         elif isinstance(value, int):

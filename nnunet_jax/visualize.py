@@ -156,3 +156,20 @@ def overlay_png(
         handles = [Patch(color=class_color(c), label=names.get(c, f"class {c}")) for c in sorted(present)]
         fig.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False)
     return _save(fig, out)
+
+
+def overlay_files(
+    image: str | os.PathLike,
+    pred: str | os.PathLike,
+    out: str | os.PathLike,
+    label: str | os.PathLike | None = None,
+    class_names: Mapping[int, str] | None = None,
+    n_slices: int = 3,
+) -> Path:
+    """:func:`overlay_png` from NIfTI files (image, predicted and optional reference label maps)."""
+    from nnunet_jax.io import load_case
+
+    img = load_case(image).image
+    pred_map = load_case(pred).image[0].astype(np.int64)
+    ref = load_case(label).image[0].astype(np.int64) if label is not None else None
+    return overlay_png(img, pred_map, out, class_names, n_slices, reference=ref)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,6 +58,20 @@ def regions_to_labels(probs: np.ndarray, threshold: float = 0.5, et_label: int =
     out[probs[1] > threshold] = 1
     out[probs[2] > threshold] = et_label
     return out
+
+
+def _overlay(pred: Prediction, image: Path | None, out_dir: str | os.PathLike, plan: Mapping[str, Any],
+             log: Callable[[str], None]) -> list[Path]:
+    """``<case>_overlay.png``: the label map over a few slices of its source image (when that is known)."""
+    if image is None or pred.affine is None:
+        log(f"{pred.case}: no source image known, no overlay drawn")
+        return []
+    from nnunet_jax.io import load_case
+    from nnunet_jax.visualize import overlay_png
+
+    names = {int(k): str(v) for k, v in (plan.get("labels") or {}).items()}
+    out = Path(out_dir) / f"{pred.case}_overlay.png"
+    return [overlay_png(load_case(image).image, pred.labels, out, names)]
 
 
 def _atomic_save_npy(array: np.ndarray, path: Path) -> None:
@@ -179,7 +193,7 @@ def read_run_settings(ckpt_path: str | os.PathLike) -> tuple[dict[str, Any], dic
     config.update(
         {
             k: ident[k]
-            for k in ("norm", "residual", "attention", "deep_supervision", "dim", "fold")
+            for k in ("norm", "residual", "attention", "deep_supervision", "dim", "fold", "brats")
             if k in ident
         }
     )
@@ -290,12 +304,14 @@ class Predictor:
         *,
         amp: bool = False,
         amp_dtype: str = "bf16",
+        brats: bool | None = None,
         **options: Any,
     ) -> Predictor:
         """Orbax checkpoints of training runs (results dirs, ``checkpoints/best``, or one step dir); several
-        = a fold ensemble (mean of softmax). The model options come from each run's config.json."""
+        = a fold ensemble (mean of softmax). The model options come from each run's config.json, BraTS region
+        mode too (``brats`` None: as the runs were trained; True/False must agree with them)."""
         from nnunet_jax import parallel
-        from nnunet_jax.training.loop import build_model
+        from nnunet_jax.training.loop import build_model, use_brats
 
         paths = [paths] if isinstance(paths, str | os.PathLike) else list(paths)
         if not paths:
@@ -307,11 +323,18 @@ class Predictor:
             the_plan = load_plan(plan) if plan is not None else run_plan
             if the_plan is None:
                 raise FileNotFoundError(f"{p}: the run's config.json is missing; pass the plan (plan.json)")
+            run_brats = use_brats(config)
+            if brats is not None and bool(brats) != run_brats:
+                raise ValueError(f"{p}: the checkpoint is {'a' if run_brats else 'not a'} BraTS region model "
+                                 f"(trained {'with' if run_brats else 'without'} --brats); leave --brats out")
+            if configs and run_brats != use_brats(configs[0][0]):
+                raise ValueError(f"{p}: cannot ensemble BraTS region and per-class models "
+                                 f"(see {paths[0]})")
             variables.append(restore_variables(p, config, the_plan, mesh))
             configs.append((config, the_plan))
         config, the_plan = configs[0]
         model = build_model(_Cfg(dict(config, amp=amp, amp_dtype=amp_dtype)), the_plan)
-        return cls.from_model(the_plan, model, variables, **options)
+        return cls.from_model(the_plan, model, variables, brats=use_brats(config), **options)
 
     @classmethod
     def from_torch(
@@ -331,11 +354,12 @@ class Predictor:
 
         the_plan = load_plan(plan)
         opts = dict(model_options or {})
-        template = UNet.from_topology(the_plan["topology"], int(the_plan["n_class"]), **opts)
+        n_out = 3 if options.get("brats") else int(the_plan["n_class"])  # BraTS: WT, TC, ET sigmoids
+        template = UNet.from_topology(the_plan["topology"], n_out, **opts)
         variables = load_torch_checkpoint(path, template, int(the_plan["in_channels"]))
         if amp:
             opts["dtype"] = jnp.float16 if amp_dtype == "fp16" else jnp.bfloat16
-        model = UNet.from_topology(the_plan["topology"], int(the_plan["n_class"]), **opts)
+        model = UNet.from_topology(the_plan["topology"], n_out, **opts)
         return cls.from_model(the_plan, model, [variables], **options)
 
     # -- the network part
@@ -535,14 +559,23 @@ def predict_inputs(
     save_nifti: bool = True,
     save_preds: bool = False,
     raw: str | os.PathLike | None = None,
+    cases: Collection[str] | None = None,
+    overlays: bool = False,
     log: Callable[[str], None] = print,
 ) -> list[Path]:
     """Predict every case of ``data`` into ``out_dir``: ``<case>.nii.gz`` label maps in the source geometry,
     with ``save_preds`` ``<case>.npy`` probabilities (K, Z, Y, X); preprocessed cases without ``save_nifti``
-    get ``<case>_pred.npy`` label maps. Returns the files written."""
+    get ``<case>_pred.npy`` label maps; ``cases`` restricts the preprocessed cases (e.g. one fold's validation
+    cases of a ``val`` folder); ``overlays`` adds ``<case>_overlay.png`` pictures. Returns the files
+    written."""
     from nnunet_jax.preprocessing import CaseMeta
 
     npy, nifti = find_inputs(data)
+    if cases is not None:
+        wanted = set(cases)
+        npy = [p for p in npy if p.name[: -len("_x.npy")] in wanted]
+        if not npy and not nifti:
+            raise ValueError(f"none of the requested cases ({', '.join(sorted(wanted)[:5])}) is in {data}")
     headers = source_images(predictor.plan, raw) if npy else {}
     written: list[Path] = []
     for x_path in npy:
@@ -556,11 +589,15 @@ def predict_inputs(
         )
         pred.header = _header(headers.get(case))
         files = save_prediction(pred, out_dir, nifti=save_nifti, npy_labels=not save_nifti)
+        if overlays:
+            files += _overlay(pred, headers.get(case), out_dir, predictor.plan, log)
         written += files
         log(f"{case}: {', '.join(p.name for p in files)}")
     for path in nifti:
         pred = predictor.predict(path, probabilities=save_preds)
         files = save_prediction(pred, out_dir, nifti=True)
+        if overlays:
+            files += _overlay(pred, path, out_dir, predictor.plan, log)
         written += files
         log(f"{pred.case}: {', '.join(p.name for p in files)}")
     return written

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nnunet_jax import parallel
+from nnunet_jax.atomic import atomic_path
 from nnunet_jax.training import checkpoint as ckpt_lib
 from nnunet_jax.training import evaluation, optim
 from nnunet_jax.training import state as state_lib
@@ -33,6 +34,9 @@ from nnunet_jax.training import step as step_lib
 log = logging.getLogger(__name__)
 CONFIG_FILE = "config.json"
 EVAL_FILE = "evaluation.json"
+REGIONS = ("WT", "TC", "ET")  # BraTS region mode: the model's 3 sigmoid outputs, in this order
+# Identity fields added after checkpoints were first written: an older checkpoint's missing field means this.
+IDENTITY_DEFAULTS = {"brats": False}
 FP16_NONFINITE_TOLERANCE = 20  # fp16: consecutive skipped (overflowing) steps before we call it divergence
 
 
@@ -97,8 +101,26 @@ def check_plan(config: Any, plan: dict[str, Any], where: Path | str) -> None:
     if config.filters and "topology" in plan and len(config.filters) != len(plan["topology"]["strides"]):
         problems.append(f"{len(config.filters)} filters given for a {len(plan['topology']['strides'])}-level "
                         "topology")
+    if use_brats(config) and int(plan.get("n_class", 0)) not in (4, 5):
+        problems.append(f"--brats needs BraTS labels (0-3, or 0, 1, 2, 4), but the plan has n_class "
+                        f"{plan.get('n_class')}")
     if problems:
         raise TrainingError(f"{where}: the preprocessed plan does not match the flags: {'; '.join(problems)}")
+
+
+def use_brats(config: Any) -> bool:
+    """BraTS region mode (``--brats``); configs saved before the flag existed lack it."""
+    return bool(config.get("brats", False))
+
+
+def n_outputs(config: Any, plan: dict[str, Any]) -> int:
+    """Model output channels: 3 sigmoid regions (WT, TC, ET) in BraTS mode, else one logit per class."""
+    return len(REGIONS) if use_brats(config) else int(plan["n_class"])
+
+
+def score_names(config: Any, plan: dict[str, Any]) -> list[str]:
+    """What the validation Dice values are, in order: the regions, or the foreground class numbers."""
+    return list(REGIONS) if use_brats(config) else [str(c) for c in range(1, int(plan["n_class"]))]
 
 
 def run_identity(config: Any, plan: dict[str, Any], filters: tuple[int, ...]) -> dict[str, Any]:
@@ -109,7 +131,13 @@ def run_identity(config: Any, plan: dict[str, Any], filters: tuple[int, ...]) ->
             "kernels": [list(map(int, k)) for k in topo.get("kernels", [])],
             "strides": [list(map(int, s)) for s in topo.get("strides", [])], "filters": list(filters),
             "fold": int(config.fold), "norm": str(config.norm), "residual": bool(config.residual),
-            "attention": bool(config.attention), "deep_supervision": bool(config.deep_supervision)}
+            "attention": bool(config.attention), "deep_supervision": bool(config.deep_supervision),
+            "brats": use_brats(config)}
+
+
+def identity_diff(theirs: dict[str, Any], ours: dict[str, Any], ignore: tuple[str, ...] = ()) -> list[str]:
+    """Identity fields on which a checkpoint (``theirs``) and this run differ."""
+    return sorted(k for k in ours if k not in ignore and theirs.get(k, IDENTITY_DEFAULTS.get(k)) != ours[k])
 
 
 def check_results_dir(workdir: Path, identity: dict[str, Any], resume: bool) -> dict[str, Any] | None:
@@ -122,7 +150,7 @@ def check_results_dir(workdir: Path, identity: dict[str, Any], resume: bool) -> 
         raise TrainingError(f"{workdir} already holds a checkpoint of task {theirs.get('task')} "
                             f"({theirs.get('dim')}D), not task {identity['task']} ({identity['dim']}D); "
                             "use another --results directory")
-    diff = sorted(k for k in identity if theirs.get(k) != identity[k])
+    diff = identity_diff(theirs, identity)
     if diff:
         theirs_diff = {k: theirs.get(k) for k in diff}
         ours_diff = {k: identity[k] for k in diff}
@@ -183,6 +211,10 @@ def open_data(config: Any, mesh: Any) -> _Data:
     if config.val_cases:
         val = val[: int(config.val_cases)]
     global_batch = int(config.batch_size) * mesh.devices.size
+    if ds.dim == 2 and (int(config.nvol) < 1 or global_batch % int(config.nvol)):
+        raise TrainingError(f"2D: the global batch of {global_batch} slices ({config.batch_size} per device × "
+                            f"{mesh.devices.size} devices) is not a multiple of nvol {config.nvol} (the volumes "
+                            "each step draws its slice blocks from)")
     steps = loader.steps_per_epoch(len(train), ds.dim, global_batch, int(config.nvol))
     if config.train_batches:
         steps = min(steps, int(config.train_batches))
@@ -194,9 +226,18 @@ def open_data(config: Any, mesh: Any) -> _Data:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def _plot_curves(logs: Path, workdir: Path) -> None:
+    """``curves.png`` beside ``logs.json``; a picture that cannot be drawn never fails a finished run."""
+    try:
+        from nnunet_jax.visualize import plot_training_curves
+
+        plot_training_curves(logs, workdir / "curves.png")
+    except Exception as e:  # noqa: BLE001 - matplotlib missing, no epoch logged yet, ...
+        log.warning("training curves not drawn: %s", e)
 
 
 def _truncate_logs(path: Path, epochs_done: int) -> None:
@@ -226,8 +267,8 @@ def build_model(config: Any, plan: dict[str, Any]) -> Any:
     if config.amp:
         dtype = {"bf16": jnp.bfloat16, "fp16": jnp.float16}[str(config.amp_dtype)]
     return UNet.from_topology(
-        plan["topology"], int(plan["n_class"]), filters=tuple(config.filters) or None, norm=str(config.norm),
-        negative_slope=float(config.negative_slope), residual=bool(config.residual),
+        plan["topology"], n_outputs(config, plan), filters=tuple(config.filters) or None,
+        norm=str(config.norm), negative_slope=float(config.negative_slope), residual=bool(config.residual),
         deep_supervision=bool(config.deep_supervision), deep_supr_num=int(config.deep_supr_num),
         attention=bool(config.attention), drop_block=bool(config.drop_block), dtype=dtype)
 
@@ -270,14 +311,19 @@ def train_and_evaluate(config: Any, workdir: str | Path | None = None, *, data: 
     target = step_lib.abstract_state(model, tx, input_shape, mesh, fp16)
     val_mesh = parallel.local_mesh(int(config.gpus) if jax.process_count() == 1 else 0)
     apply_fn = evaluation.make_apply_fn(model, val_mesh)  # one object per run: one sliding-window compile
-    val_loss_fn = make_loss(focal=bool(config.focal))
+    brats = use_brats(config)
+    val_loss_fn = make_loss(focal=bool(config.focal), brats=brats)
+    names = score_names(config, plan)
 
     def run_validation(state: state_lib.TrainState) -> dict[str, Any]:
-        return evaluation.validate(
+        result = evaluation.validate(
             step_lib.eval_variables(state), apply_fn, data.val_cases, data.load_case, int(plan["n_class"]),
             plan["patch_size"], loss_fn=val_loss_fn, mesh=val_mesh, overlap=float(config.overlap),
             blend=str(config.blend), batch_size=int(config.val_batch_size),
-            tta=bool(config.tta) and evaluating)
+            tta=bool(config.tta) and evaluating, brats=brats)
+        if brats:  # name the regions in the logs: dice_WT, dice_TC, dice_ET
+            result.update({f"dice_{n}": d for n, d in zip(names, result["dice"], strict=True)})
+        return result
 
     if evaluating:
         path = config.ckpt_path or str(workdir)
@@ -285,9 +331,14 @@ def train_and_evaluate(config: Any, workdir: str | Path | None = None, *, data: 
             state, cmeta = ckpt_lib.restore_path(path, target)
         except FileNotFoundError as e:
             raise TrainingError(f"exec_mode evaluate: {e}") from e
-        if cmeta.get("identity", {}).get("task") not in (None, identity["task"]):
-            raise TrainingError(f"{path} is a checkpoint of task {cmeta['identity']['task']}, "
-                                f"not {identity['task']}")
+        theirs = cmeta.get("identity", {})
+        if theirs.get("task") not in (None, identity["task"]):
+            raise TrainingError(f"{path} is a checkpoint of task {theirs['task']}, not {identity['task']}")
+        diff = identity_diff(theirs, identity, ignore=("fold",)) if theirs else []
+        if diff:
+            raise TrainingError(f"{path} holds a different model ({', '.join(diff)} differ: "
+                                f"{ {k: theirs.get(k, IDENTITY_DEFAULTS.get(k)) for k in diff} } vs "
+                                f"{ {k: identity[k] for k in diff} }); pass the flags it was trained with")
         result = run_validation(state)
         result.update(epoch=cmeta.get("epoch"), checkpoint=str(path))
         if jax.process_index() == 0:
@@ -298,7 +349,8 @@ def train_and_evaluate(config: Any, workdir: str | Path | None = None, *, data: 
     ckpts = ckpt_lib.Checkpoints(workdir)
     try:
         return _train(config, workdir, data, model, tx, target, fp16, input_shape, identity, meta, ckpts,
-                      make_loss(focal=bool(config.focal), deep_supervision=bool(config.deep_supervision)),
+                      make_loss(focal=bool(config.focal), brats=brats,
+                                deep_supervision=bool(config.deep_supervision)),
                       run_validation, mesh)
     finally:
         ckpts.close()
@@ -354,7 +406,8 @@ def _train(config: Any, workdir: Path, data: DataSource, model: Any, tx: Any, ta
             if config.scheduler == "plateau":
                 next_lr, pbest, pbad = optim.plateau_step(lr, pbest, pbad, v["val_loss"],
                                                           float(config.factor), int(config.lr_patience))
-            record.update(val_loss=v["val_loss"], dice=v["dice"], mean_dice=v["mean_dice"])
+            record.update(val_loss=v["val_loss"], dice=v["dice"], mean_dice=v["mean_dice"],
+                          **{k: x for k, x in v.items() if k.startswith("dice_")})
         record.update(TOP_mean=best if best >= 0 else None, best_epoch=best_epoch if best_epoch > 0 else None,
                       seconds=round(seconds, 3),
                       img_per_s=round(data.global_batch * (steps - start) / seconds, 3))
@@ -378,6 +431,8 @@ def _train(config: Any, workdir: Path, data: DataSource, model: Any, tx: Any, ta
             summary["stopped"] = "early_stopping"
             break
     ckpts.wait()
+    if main:
+        _plot_curves(logs, workdir)
     return summary
 
 
