@@ -32,7 +32,8 @@ def bash_blocks() -> list[tuple[str | None, list[str]]]:
     blocks = []
     for m in BLOCK.finditer(README):
         body = m.group("body").replace("\\\n", " ")
-        lines = [ln.strip() for ln in body.splitlines() if ln.strip() and not ln.strip().startswith("#")]
+        lines = [re.sub(r"\s+#.*$", "", ln).strip() for ln in body.splitlines()]
+        lines = [ln for ln in lines if ln and not ln.startswith("#")]
         blocks.append((m.group("tag"), lines))
     return blocks
 
