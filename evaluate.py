@@ -5,7 +5,7 @@
 Predictions and labels are paired by case name (``<case>.nii.gz``, ``<case>.npy``, ``<case>_y.npy``); NIfTI or
 .npy (label maps, or (C, Z, Y, X) probabilities that are argmaxed). Prints a table and ``mean dice`` (0-1),
 writes JSON and CSV (default: ``evaluation.json`` / ``evaluation.csv`` in ``--preds``). Missing, extra and
-mismatched files are listed by name.
+mismatched files are listed by name. ``--brats`` scores the BraTS regions WT, TC, ET instead of the classes.
 """
 
 from nnunet_jax.platform import configure_xla_flags
@@ -24,7 +24,8 @@ flags.DEFINE_boolean("hd95", False, "Also compute the 95th-percentile Hausdorff 
 flags.DEFINE_boolean("nsd", False, "Also compute the normalised surface Dice.")
 flags.DEFINE_float("nsd_tolerance", 1.0, "NSD tolerance in mm.")
 flags.DEFINE_list("spacing", None, "Z,Y,X spacing (mm) for .npy labels, which carry none (default 1,1,1).")
-flags.DEFINE_boolean("brats", False, "Float .npy predictions are BraTS region sigmoids (WT, TC, ET).")
+flags.DEFINE_boolean("brats", False, "BraTS region Dice: score WT (label > 0), TC (1, 3) and ET (3; 4 counts "
+                     "as 3) of label maps (NIfTI or .npy); float .npy predictions are the region sigmoids.")
 flags.DEFINE_string("out_json", None, "JSON output (default <preds>/evaluation.json).")
 flags.DEFINE_string("out_csv", None, "CSV output (default <preds>/evaluation.csv).")
 FLAGS = flags.FLAGS

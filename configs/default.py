@@ -66,6 +66,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.test_batches = 0
     # --- ours ---
     c.filters = ()  # override of the per-level filters of the plan's topology (tiny nets, tests)
+    c.brats = False  # newer reference: 3 sigmoid region outputs (WT, TC, ET), region loss and Dice
     c.amp_dtype = "bf16"  # bf16 | fp16 (fp16 uses dynamic loss scaling)
     c.deep_supr_num = 2
     c.lr_warmup_epochs = 0  # linear per-step learning-rate warm-up over this many epochs (0: none)

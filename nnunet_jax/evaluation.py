@@ -4,6 +4,10 @@ Scores come from :mod:`nnunet_jax.metrics` (the one Dice of SPEC section 4, HD95
 only finds the files, loads them in the reference layout (Z, Y, X) with the label's spacing, and aggregates.
 A missing, extra, unreadable or mismatched file is reported by name and skipped, never a crash: a user with
 500 cases wants the table for the 499 good ones and a list of what is wrong with the last one.
+
+BraTS region mode (``brats``): prediction and label maps are both turned into the regions WT = label > 0,
+TC = label in {1, 3}, ET = label == 3 (label 4 counts as 3, so raw BraTS labels and predict.py's region
+labels WT 2 / TC 1 / ET 3 both work), and each region is scored as a binary mask with the same rules.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ import numpy as np
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 # Stripped from .npy stems: <case>_y.npy (preprocessed labels), <case>_pred.npy (predicted label maps).
 NPY_TAGS = ("_pred", "_y", "_seg")
+REGIONS = ("WT", "TC", "ET")
+BRATS_MAX_LABEL = 4
 
 
 def case_of(path: str | os.PathLike) -> str | None:
@@ -124,14 +130,20 @@ class Report:
     extra: list[str] = field(default_factory=list)  # predictions without a label
     errors: dict[str, str] = field(default_factory=dict)  # case → why it was skipped
     notes: list[str] = field(default_factory=list)
+    classes: tuple[str, ...] = ()  # column names: default "1".."n_class-1"; BraTS regions: WT, TC, ET
+
+    @property
+    def columns(self) -> list[str]:
+        return list(self.classes) or [str(c) for c in range(1, self.n_class)]
 
     def mean(self) -> dict[str, list[float]]:
         """Per metric, per class mean over cases (NaN/inf values are left out, as an empty-vs-empty NSD)."""
         out: dict[str, list[float]] = {}
+        k = len(self.columns)
         for m in self.metrics:
-            vals = np.array([c[m] for c in self.cases.values()], np.float64).reshape(-1, self.n_class - 1)
+            vals = np.array([c[m] for c in self.cases.values()], np.float64).reshape(-1, k)
             with np.errstate(invalid="ignore"):
-                out[m] = [_finite_mean(vals[:, k]) for k in range(self.n_class - 1)]
+                out[m] = [_finite_mean(vals[:, i]) for i in range(k)]
         return out
 
     def summary(self) -> dict[str, float]:
@@ -145,7 +157,7 @@ class Report:
 
     def to_json(self) -> dict:
         return {
-            "n_class": self.n_class, "n_cases": len(self.cases),
+            "n_class": self.n_class, "classes": self.columns, "n_cases": len(self.cases),
             "mean": {f"mean {m}": v for m, v in self.summary().items()},
             "per_class": self.mean(), "nonfinite_left_out": self.nonfinite(), "cases": self.cases,
             "missing_predictions": self.missing, "extra_predictions": self.extra, "errors": self.errors,
@@ -169,11 +181,23 @@ def _max_label(paths: Sequence[Path], brats: bool) -> int:
     return top
 
 
+def region_masks(labels: np.ndarray) -> np.ndarray:
+    """BraTS regions of a label map as int 0/1 maps ``(3, *spatial)``: WT, TC, ET (4 counts as 3)."""
+    from nnunet_jax.losses import brats_regions
+
+    return np.moveaxis(np.asarray(brats_regions(np.asarray(labels))) > 0.5, -1, 0).astype(np.int32)
+
+
 def score_case(pred: np.ndarray, label: np.ndarray, n_class: int, spacing: Sequence[float] | None,
-               metrics: Sequence[str], nsd_tolerance: float) -> dict[str, list[float]]:
-    """One case's per-class scores (classes 1..n_class-1), via nnunet_jax.metrics."""
+               metrics: Sequence[str], nsd_tolerance: float, brats: bool = False) -> dict[str, list[float]]:
+    """One case's per-class scores (classes 1..n_class-1), via nnunet_jax.metrics; with ``brats`` the scores
+    of the regions WT, TC, ET (each a binary map, class 1 of 2)."""
     from nnunet_jax import metrics as M
 
+    if brats:
+        per_region = [score_case(p, t, 2, spacing, metrics, nsd_tolerance)
+                      for p, t in zip(region_masks(pred), region_masks(label), strict=True)]
+        return {m: [r[m][0] for r in per_region] for m in per_region[0]}
     out: dict[str, list[float]] = {}
     out["dice"] = [float(v) for v in np.asarray(M.dice_per_class(pred, label, n_class))]
     if "hd95" in metrics or "nsd" in metrics:
@@ -191,16 +215,21 @@ def evaluate_folders(preds: str | os.PathLike, lbls: str | os.PathLike, *, n_cla
     """Score every prediction of ``preds`` against the label of the same case in ``lbls``.
 
     ``n_class`` (background included) defaults to 1 + the largest label value in either folder. ``spacing``
-    (Z, Y, X mm) is used for .npy labels, which carry none (NIfTI labels use their own header).
+    (Z, Y, X mm) is used for .npy labels, which carry none (NIfTI labels use their own header). ``brats``
+    scores the regions WT, TC, ET instead of the classes (``n_class`` is then unused) and reads float .npy
+    predictions as the 3 region sigmoids.
     """
     pred_index, notes_p = index_folder(preds)
     lbl_index, notes_l = index_folder(lbls)
     paired = sorted(set(pred_index) & set(lbl_index))
     metrics = ("dice",) + (("hd95",) if hd95 else ()) + (("nsd",) if nsd else ())
-    if n_class is None:
+    if brats:
+        n_class = len(REGIONS) + 1
+    elif n_class is None:
         n_class = 1 + max(_max_label([lbl_index[c] for c in paired], False),
                           _max_label([pred_index[c] for c in paired], brats), 1)
-    report = Report(n_class=n_class, metrics=metrics, notes=notes_p + notes_l)
+    report = Report(n_class=n_class, metrics=metrics, notes=notes_p + notes_l,
+                    classes=REGIONS if brats else ())
     report.missing = sorted(set(lbl_index) - set(pred_index))
     report.extra = sorted(set(pred_index) - set(lbl_index))
     for case in paired:
@@ -215,21 +244,23 @@ def evaluate_folders(preds: str | os.PathLike, lbls: str | os.PathLike, *, n_cla
                                    f"{lbl_index[case].name} has {lbl.labels.shape} (Z, Y, X)")
             continue
         top = max(int(pred.labels.max(initial=0)), int(lbl.labels.max(initial=0)))
-        if top >= n_class:
+        if brats and top > BRATS_MAX_LABEL:
+            report.errors[case] = f"label value {top} is not a BraTS label (0-{BRATS_MAX_LABEL})"
+            continue
+        if not brats and top >= n_class:
             report.errors[case] = f"label value {top} does not fit n_class={n_class}"
             continue
         if pred.affine is not None and lbl.affine is not None and not np.allclose(pred.affine, lbl.affine,
                                                                                     rtol=1e-4, atol=1e-4):
             report.notes.append(f"{case}: prediction and label affines differ (scored voxel by voxel)")
         sp = next((s for s in (lbl.spacing, pred.spacing, spacing) if s is not None), None)
-        report.cases[case] = score_case(pred.labels, lbl.labels, n_class, sp, metrics, nsd_tolerance)
+        report.cases[case] = score_case(pred.labels, lbl.labels, n_class, sp, metrics, nsd_tolerance, brats)
     return report
 
 
 def format_table(report: Report) -> str:
     """Human-readable table: one row per case, per class columns per metric, then the means."""
-    k = report.n_class - 1
-    cols = [f"{m}_{c}" for m in report.metrics for c in range(1, k + 1)]
+    cols = [f"{m}_{c}" for m in report.metrics for c in report.columns]
     width = max([len("mean"), *(len(c) for c in report.cases)], default=4)
     lines = [f"{'case':<{width}}  " + "  ".join(f"{c:>9}" for c in cols)]
     for case, scores in report.cases.items():
@@ -279,10 +310,10 @@ def write_json(report: Report, path: str | os.PathLike) -> None:
 
 def write_csv(report: Report, path: str | os.PathLike) -> None:
     """One row per case (``case, dice_1, ..., hd95_1, ..., nsd_1, ...``) and a last ``mean`` row."""
-    k = report.n_class - 1
+    k = len(report.columns)
     buf = _io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["case", *(f"{m}_{c}" for m in report.metrics for c in range(1, k + 1))])
+    w.writerow(["case", *(f"{m}_{c}" for m in report.metrics for c in report.columns)])
     for case, scores in report.cases.items():
         w.writerow([case, *(scores[m][i] for m in report.metrics for i in range(k))])
     mean = report.mean()

@@ -162,3 +162,81 @@ def test_case_names():
     assert evaluation.case_of("BRATS_001_x.npy") is None
     assert evaluation.case_of("BRATS_001_meta.npy") is None
     assert evaluation.case_of("evaluation.json") is None
+
+
+# ------------------------------------------------------------------------------------ BraTS regions
+
+
+def _brats_case_a() -> tuple[np.ndarray, np.ndarray]:
+    """(X, Y, Z) prediction (predict.py's region labels WT 2, TC 1, ET 3) and raw BraTS label (ET = 4).
+
+    Label: oedema 2 at [0:4, 0], necrosis 1 at [0:2, 1], ET 4 at [0:2, 2]: WT 8, TC 4, ET 2 voxels.
+    Prediction: 3 of the 4 oedema voxels, the necrosis called ET (3), the ET called necrosis (1), 1 stray WT.
+    WT: 8 predicted, TP 7 → 14/16; TC: 4 predicted, TP 4 → 1; ET: 2 predicted, TP 0 → 0.
+    """
+    lab = np.zeros((6, 4, 3), np.uint8)
+    lab[0:4, 0, 0], lab[0:2, 1, 0], lab[0:2, 2, 0] = 2, 1, 4
+    pred = np.zeros_like(lab)
+    pred[0:3, 0, 0], pred[0:2, 1, 0], pred[0:2, 2, 0], pred[5, 3, 2] = 2, 3, 1, 2
+    return pred, lab
+
+
+def _brats_case_b() -> tuple[np.ndarray, np.ndarray]:
+    """Oedema only in the label; the prediction adds one ET voxel: WT 2·2/(2+3), TC 0 and ET 0 (label empty,
+    prediction not)."""
+    lab = np.zeros((4, 4, 2), np.uint8)
+    lab[1:3, 1, 0] = 2
+    pred = lab.copy()
+    pred[3, 3, 1] = 3
+    return pred, lab
+
+
+def test_brats_region_dice_of_label_maps_by_hand(tmp_path):
+    preds, lbls = tmp_path / "p", tmp_path / "l"
+    preds.mkdir()
+    lbls.mkdir()
+    for name, (p, lab) in {"a": _brats_case_a(), "b": _brats_case_b()}.items():
+        _nii(preds / f"{name}.nii.gz", p)
+        _nii(lbls / f"{name}.nii.gz", lab)
+    _nii(preds / "c.nii.gz", np.full((2, 2, 2), 5))  # 5 is no BraTS label
+    _nii(lbls / "c.nii.gz", np.zeros((2, 2, 2)))
+    r = evaluation.evaluate_folders(preds, lbls, brats=True, hd95=True)
+    assert r.columns == ["WT", "TC", "ET"]
+    np.testing.assert_allclose(r.cases["a"]["dice"], [14 / 16, 1.0, 0.0], atol=1e-6)
+    np.testing.assert_allclose(r.cases["b"]["dice"], [4 / 5, 0.0, 0.0], atol=1e-6)
+    np.testing.assert_allclose(r.mean()["dice"], [(14 / 16 + 4 / 5) / 2, 0.5, 0.0], atol=1e-6)
+    assert len(r.cases["a"]["hd95"]) == 3 and r.cases["a"]["hd95"][1] == 0.0  # TC masks are identical
+    assert "c" in r.errors and "not a BraTS label" in r.errors["c"]
+    # both empty scores 1: a case without any tumour, predicted without any
+    _nii(preds / "d.nii.gz", np.zeros((3, 3, 3)))
+    _nii(lbls / "d.nii.gz", np.zeros((3, 3, 3)))
+    assert evaluation.evaluate_folders(preds, lbls, brats=True).cases["d"]["dice"] == [1.0, 1.0, 1.0]
+
+    # the CLI: region columns in the table, the CSV and the JSON
+    out_json, out_csv = tmp_path / "r.json", tmp_path / "r.csv"
+    proc = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--preds", str(preds), "--lbls",
+                           str(lbls), "--brats", "--out_json", str(out_json), "--out_csv", str(out_csv)],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "dice_WT" in proc.stdout.splitlines()[0]
+    want = ((14 / 16 + 4 / 5 + 1) / 3 + (1 + 0 + 1) / 3 + (0 + 0 + 1) / 3) / 3
+    assert f"mean dice: {want:.4f}" in proc.stdout
+    assert next(csv.reader(out_csv.open())) == ["case", "dice_WT", "dice_TC", "dice_ET"]
+    assert json.loads(out_json.read_text())["classes"] == ["WT", "TC", "ET"]
+
+
+def test_brats_region_sigmoids_npy(tmp_path):
+    """Float (3, Z, Y, X) region sigmoids against a preprocessed label with ET = 4."""
+    preds, lbls = tmp_path / "p", tmp_path / "l"
+    preds.mkdir()
+    lbls.mkdir()
+    lab = np.zeros((1, 2, 3, 4), np.uint8)
+    lab[0, 0, 0, 0:3] = 2
+    lab[0, 0, 1, 0:2] = 4  # WT 5, TC 2, ET 2
+    sig = np.zeros((3, 2, 3, 4), np.float32)
+    sig[0, 0, 0:2, 0:2] = 0.9  # WT: 4 voxels, all in the label's WT
+    sig[1:, 0, 1, 0] = 0.8  # TC and ET: 1 of the 2 ET voxels
+    np.save(preds / "k.npy", sig)
+    np.save(lbls / "k_y.npy", lab)
+    r = evaluation.evaluate_folders(preds, lbls, brats=True)
+    np.testing.assert_allclose(r.cases["k"]["dice"], [8 / 9, 2 / 3, 2 / 3], atol=1e-6)

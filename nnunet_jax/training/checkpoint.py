@@ -67,14 +67,24 @@ def restore_from(mngr: ocp.CheckpointManager, target: Any, step: int | None = No
 
 def read_meta(workdir: str | Path, kind: str = "last") -> dict[str, Any] | None:
     """The ``meta`` JSON of the newest finished checkpoint, read without JAX (pre-flight checks)."""
-    path = Path(workdir).absolute() / "checkpoints" / kind
-    steps = sorted((int(p.name), p) for p in path.glob("*") if p.is_dir() and p.name.isdigit())
+    return _meta_in(Path(workdir).absolute() / "checkpoints" / kind)
+
+
+def _meta_in(manager_dir: Path, step: int | None = None) -> dict[str, Any] | None:
+    steps = sorted((int(p.name), p) for p in manager_dir.glob("*") if p.is_dir() and p.name.isdigit())
+    if step is not None:
+        steps = [s for s in steps if s[0] == step]
     if not steps:
         return None
     meta = steps[-1][1] / "meta" / "metadata"
     if not meta.exists():
         return None
     return json.loads(meta.read_text())
+
+
+def read_meta_path(path: str | Path) -> dict[str, Any] | None:
+    """The ``meta`` JSON of the checkpoint that ``--ckpt_path`` names (see :func:`resolve_ckpt_path`)."""
+    return _meta_in(*resolve_ckpt_path(path))
 
 
 def resolve_ckpt_path(path: str | Path) -> tuple[Path, int | None]:

@@ -3,7 +3,9 @@
 Each process takes every ``process_count``-th case and runs its windows sharded over its own devices (a local
 mesh: the processes see different numbers of windows, so they must not share a global computation); the
 per-case rows (per-class Dice, loss) are then gathered from all processes. Dice follows SPEC section 4 via
-:func:`nnunet_jax.metrics.dice_per_class`; reported numbers are means over cases ×100.
+:func:`nnunet_jax.metrics.dice_from_logits` (BraTS region mode: :func:`nnunet_jax.metrics.region_dice`, the
+WT, TC, ET Dice of the sigmoids > 0.5 with the same empty rule); reported numbers are means over cases ×100.
+A 2D net validates a 3D volume slice by slice (each slice a 2D sliding window), scored on the whole volume.
 """
 
 from __future__ import annotations
@@ -64,13 +66,16 @@ def window_batch(batch_size: int, mesh: Mesh) -> int:
 
 def validate(variables: Any, apply_fn: Callable, cases: Sequence[str], load_case: LoadCase, n_class: int,
              roi_size: Sequence[int], *, loss_fn: Callable, mesh: Mesh, overlap: float = 0.5,
-             blend: str = "gaussian", batch_size: int = 4, tta: bool = False) -> dict[str, Any]:
+             blend: str = "gaussian", batch_size: int = 4, tta: bool = False,
+             brats: bool = False) -> dict[str, Any]:
     """Per-class Dice (0–100), ``mean_dice`` and ``val_loss`` over ``cases``, identical on every process.
 
     ``variables`` are the (replicated) model variables, ``apply_fn`` from :func:`make_apply_fn` on ``mesh``.
+    With ``brats`` the model has 3 region outputs and ``dice`` holds the WT, TC, ET Dice (``n_class`` is then
+    unused); ``loss_fn`` must be the matching (region) loss.
     """
     from nnunet_jax.inference.sliding_window import sliding_window_inference
-    from nnunet_jax.metrics import dice_per_class
+    from nnunet_jax.metrics import dice_from_logits, region_dice
 
     host = jax.tree.map(lambda a: np.asarray(a.addressable_data(0)) if isinstance(a, jax.Array) else a,
                         variables)
@@ -86,21 +91,24 @@ def validate(variables: Any, apply_fn: Callable, cases: Sequence[str], load_case
             logits = jnp.stack([run(image[z]) for z in range(image.shape[0])])
         else:
             logits = run(image)
-        dice, loss = _score(logits, jnp.asarray(label, jnp.int32), n_class, loss_fn, dice_per_class)
+        dice, loss = _score(logits, jnp.asarray(label, jnp.int32), loss_fn, region_dice if brats
+                            else dice_from_logits)
         rows.append(np.append(np.asarray(dice, np.float64), float(loss)))
-    rows_arr = np.asarray(rows, np.float64).reshape(len(rows), n_class)  # n_class - 1 dice + loss
+    n_scores = 3 if brats else n_class - 1
+    rows_arr = np.asarray(rows, np.float64).reshape(len(rows), n_scores + 1)  # dice per class/region + loss
     table = _gather_rows(rows_arr, len(cases))
     per_class = table[:, :-1].mean(axis=0) * 100.0
     return {"dice": [float(d) for d in per_class], "mean_dice": float(per_class.mean()),
             "val_loss": float(table[:, -1].mean()), "cases": len(cases)}
 
 
-def _score(logits: jax.Array, label: jax.Array, n_class: int, loss_fn: Callable,
+def _score(logits: jax.Array, label: jax.Array, loss_fn: Callable,
            dice_fn: Callable) -> tuple[jax.Array, jax.Array]:
-    return _score_jit(logits, label, n_class=n_class, loss_fn=loss_fn, dice_fn=dice_fn)
+    """``dice_fn(logits (*spatial, K), label (*spatial))`` and the loss of the volume as a batch of one."""
+    return _score_jit(logits, label, loss_fn=loss_fn, dice_fn=dice_fn)
 
 
-@partial(jax.jit, static_argnames=("n_class", "loss_fn", "dice_fn"))
-def _score_jit(logits: jax.Array, label: jax.Array, *, n_class: int, loss_fn: Callable,
+@partial(jax.jit, static_argnames=("loss_fn", "dice_fn"))
+def _score_jit(logits: jax.Array, label: jax.Array, *, loss_fn: Callable,
                dice_fn: Callable) -> tuple[jax.Array, jax.Array]:
-    return dice_fn(jnp.argmax(logits, -1), label, n_class), loss_fn(logits[None], label[None])
+    return dice_fn(logits, label), loss_fn(logits[None], label[None])

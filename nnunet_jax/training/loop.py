@@ -162,6 +162,19 @@ def check_results_dir(workdir: Path, identity: dict[str, Any], resume: bool) -> 
     return meta
 
 
+def check_checkpoint_model(path: str | Path, identity: dict[str, Any]) -> None:
+    """``exec_mode evaluate``: the checkpoint must be this task and model (any fold); checked before the
+    restore, whose shape-mismatch error would not say which flag is wrong."""
+    theirs = (ckpt_lib.read_meta_path(path) or {}).get("identity", {})
+    if theirs.get("task") not in (None, identity["task"]):
+        raise TrainingError(f"{path} is a checkpoint of task {theirs['task']}, not {identity['task']}")
+    diff = identity_diff(theirs, identity, ignore=("fold",)) if theirs else []
+    if diff:
+        raise TrainingError(f"{path} holds a different model ({', '.join(diff)} differ: "
+                            f"{ {k: theirs.get(k, IDENTITY_DEFAULTS.get(k)) for k in diff} } vs "
+                            f"{ {k: identity[k] for k in diff} }); pass the flags it was trained with")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The real data side
 
@@ -212,9 +225,9 @@ def open_data(config: Any, mesh: Any) -> _Data:
         val = val[: int(config.val_cases)]
     global_batch = int(config.batch_size) * mesh.devices.size
     if ds.dim == 2 and (int(config.nvol) < 1 or global_batch % int(config.nvol)):
-        raise TrainingError(f"2D: the global batch of {global_batch} slices ({config.batch_size} per device × "
-                            f"{mesh.devices.size} devices) is not a multiple of nvol {config.nvol} (the volumes "
-                            "each step draws its slice blocks from)")
+        raise TrainingError(f"2D: the global batch of {global_batch} slices ({config.batch_size} per device "
+                            f"× {mesh.devices.size} devices) is not a multiple of nvol {config.nvol} (the "
+                            "volumes each step draws its slice blocks from)")
     steps = loader.steps_per_epoch(len(train), ds.dim, global_batch, int(config.nvol))
     if config.train_batches:
         steps = min(steps, int(config.train_batches))
@@ -328,17 +341,10 @@ def train_and_evaluate(config: Any, workdir: str | Path | None = None, *, data: 
     if evaluating:
         path = config.ckpt_path or str(workdir)
         try:
+            check_checkpoint_model(path, identity)
             state, cmeta = ckpt_lib.restore_path(path, target)
         except FileNotFoundError as e:
             raise TrainingError(f"exec_mode evaluate: {e}") from e
-        theirs = cmeta.get("identity", {})
-        if theirs.get("task") not in (None, identity["task"]):
-            raise TrainingError(f"{path} is a checkpoint of task {theirs['task']}, not {identity['task']}")
-        diff = identity_diff(theirs, identity, ignore=("fold",)) if theirs else []
-        if diff:
-            raise TrainingError(f"{path} holds a different model ({', '.join(diff)} differ: "
-                                f"{ {k: theirs.get(k, IDENTITY_DEFAULTS.get(k)) for k in diff} } vs "
-                                f"{ {k: identity[k] for k in diff} }); pass the flags it was trained with")
         result = run_validation(state)
         result.update(epoch=cmeta.get("epoch"), checkpoint=str(path))
         if jax.process_index() == 0:
