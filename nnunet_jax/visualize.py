@@ -69,6 +69,9 @@ def read_logs(path: str | os.PathLike) -> list[dict]:
 
 
 def _per_class_dice(rec: Mapping) -> dict[str, float]:
+    named = {k[len("dice_"):]: float(v) for k, v in rec.items() if k.startswith("dice_") and v is not None}
+    if named:  # BraTS region runs log dice_WT, dice_TC, dice_ET
+        return named
     dice = rec.get("dice", rec.get("per_class_dice", {}))
     if isinstance(dice, Mapping):
         return {str(k): float(v) for k, v in dice.items()}
@@ -96,7 +99,7 @@ def plot_training_curves(logs: str | os.PathLike, out: str | os.PathLike) -> Pat
     classes = sorted({c for r in records for c in _per_class_dice(r)}, key=lambda c: (len(c), c))
     for i, c in enumerate(classes):
         pts = series(lambda r, c=c: _per_class_dice(r).get(c))
-        axes[1].plot(*pts, color=class_color(i + 1), label=f"class {c}")
+        axes[1].plot(*pts, color=class_color(i + 1), label=c if not c.isdigit() else f"class {c}")
     axes[1].plot(*series(lambda r: r.get("mean_dice")), "k-", linewidth=2, label="mean")
     axes[1].set(title="validation Dice", xlabel="epoch")
     axes[1].legend()

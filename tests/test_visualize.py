@@ -27,6 +27,14 @@ def test_curves_png(tmp_path):
     assert not list((tmp_path / "plots").glob(".*"))  # no temp file left
 
 
+def test_region_names_are_used():
+    from nnunet_jax.visualize import _per_class_dice
+
+    rec = {"epoch": 1, "dice": [1.0, 2.0, 3.0], "dice_WT": 1.0, "dice_TC": 2.0, "dice_ET": 3.0}
+    assert _per_class_dice(rec) == {"WT": 1.0, "TC": 2.0, "ET": 3.0}
+    assert _per_class_dice({"epoch": 1, "dice": [5.0, 6.0]}) == {"1": 5.0, "2": 6.0}
+
+
 def test_curves_errors(tmp_path):
     (tmp_path / "bad.json").write_text("{not json\n")
     with pytest.raises(ValueError, match="bad.json: line 1"):
