@@ -1,8 +1,11 @@
-"""Training-loader throughput (images/s) on synthetic preprocessed 3D data, to set beside train-step img/s.
+"""Training-loader throughput (images/s) on synthetic preprocessed 3D data, beside the train step's img/s.
 
 Runs the real training iterator (DALI pipeline with every SPEC section 6 augmentation at the reference
 probabilities, then ``device_put`` onto a one-device mesh) over a temporary dataset and times it after a
-warm-up. ``--no-aug`` times the crop alone. Example::
+warm-up. ``--no-aug`` times the crop alone. The last column times the real jitted train step
+(nnunet_jax.benchmarking.run_jax) of the U-Net planned for the same patch with ``--step_filters`` widths (the
+small nets one trains on a CPU), so it shows whether input is the bottleneck (loader img/s < step img/s).
+Example::
 
     .venv/bin/python benchmarks/bench_loader.py                   # 32³×2 (task 00), 64³×4, 128³×4
     .venv/bin/python benchmarks/bench_loader.py --patch 128 --channels 4 --batch 2 --steps 20
@@ -73,6 +76,19 @@ def bench(patch: int, channels: int, batch: int, steps: int, warmup: int, aug: b
         return steps * batch / (time.perf_counter() - t0)
 
 
+def step_throughput(patch: int, channels: int, batch: int, base_filters: int, steps: int = 3) -> float:
+    """img/s of the real train step for the topology planned from the patch (1 mm spacing)."""
+    from nnunet_jax.benchmarking import BenchSpec, run_jax
+    from nnunet_jax.topology import plan_topology
+
+    top = plan_topology((patch,) * 3, (1.0, 1.0, 1.0))
+    filters = tuple(min(base_filters * 2**i, 320) for i in range(len(top.strides)))
+    spec = BenchSpec(mode="train", dim=3, batch_size=batch, patch=(patch,) * 3, in_channels=channels,
+                     n_class=3, kernels=top.kernels, strides=top.strides, filters=filters,
+                     train_batches=steps, warmup=1)
+    return run_jax(spec).throughput
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--patch", type=int, nargs="*", help="cubic patch sizes (default 32 64 128)")
@@ -82,14 +98,21 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-aug", action="store_true")
+    ap.add_argument("--step_filters", type=int, default=8, help="first-level width of the timed U-Net")
+    ap.add_argument("--no-step", action="store_true", help="skip timing the train step")
     a = ap.parse_args()
+    from nnunet_jax.platform import configure_xla_flags
+
+    configure_xla_flags()
     patches = a.patch or [32, 64, 128]
     channels = a.channels or ([2, 4, 4] if not a.patch else [4] * len(patches))
-    print(f"{'patch':>8} {'C':>2} {'batch':>5} {'aug':>4} {'img/s':>8}")
+    print(f"{'patch':>8} {'C':>2} {'batch':>5} {'aug':>4} {'loader img/s':>13} {'step img/s':>11}")
     for p, c in zip(patches, channels, strict=True):
         steps = a.steps or {32: 100, 64: 30}.get(p, 10)
         ips = bench(p, c, a.batch, steps, a.warmup, not a.no_aug, a.threads)
-        print(f"{p:>6}³ {c:>2} {a.batch:>5} {'on' if not a.no_aug else 'off':>4} {ips:8.1f}", flush=True)
+        step = float("nan") if a.no_step else step_throughput(p, c, a.batch, a.step_filters)
+        print(f"{p:>6}³ {c:>2} {a.batch:>5} {'on' if not a.no_aug else 'off':>4} {ips:13.1f} {step:11.2f}",
+              flush=True)
 
 
 if __name__ == "__main__":
