@@ -16,13 +16,14 @@ In test mode nothing is padded or cropped, in 2D and in 3D.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
 
 import numpy as np
 
 from nnunet_jax.atomic import save_npy
-from nnunet_jax.resample import resample_image, resample_label, resize
+from nnunet_jax.resample import resample_image, resample_label, resize_slabs, slab_window_rows
 
 __all__ = [
     "CaseMeta", "crop_to_nonzero", "is_anisotropic", "target_shape", "needs_resampling", "resample_image",
@@ -362,8 +363,13 @@ def undo_padding(arr: np.ndarray, padding, fill=0.0) -> np.ndarray:
     return out
 
 
-def _restored_channels(pred: np.ndarray, meta: CaseMeta, kind: str):
-    """Yield (channel index, channel at the cropped pre-resampling shape) one at a time; plus the fill."""
+# Output rows per streamed slab when mapping back to the source: with a 512×512 plane that is 32 MB per
+# float32 slab; the rolling window behind it holds ~50 more (pre-resampled) rows per channel.
+RESTORE_SLAB_ROWS = 32
+
+
+def _unpadded(pred: np.ndarray, meta: CaseMeta, kind: str) -> tuple[np.ndarray, np.ndarray]:
+    """(prediction without the training padding, per-channel background fill), with shape checks."""
     if pred.ndim != 4:
         raise ValueError(f"prediction must be (K, Z, Y, X), got shape {pred.shape}")
     fill = _outside_fill(pred.shape[0], kind)
@@ -372,52 +378,83 @@ def _restored_channels(pred: np.ndarray, meta: CaseMeta, kind: str):
     pred = undo_padding(pred, meta.padding, fill)
     if tuple(pred.shape[1:]) != meta.resampled_shape:
         raise ValueError(f"after removing padding {pred.shape[1:]} != resampled shape {meta.resampled_shape}")
-
-    def gen():
-        for c in range(pred.shape[0]):
-            ch = pred[c]
-            if ch.shape != meta.cropped_shape:
-                ch = resize(ch, meta.cropped_shape, 3, dtype=np.float32)
-            yield c, ch
-
-    return gen(), fill
+    return pred, fill
 
 
-def restore_to_source(pred: np.ndarray, meta: CaseMeta, kind: str = "probs",
-                      softmax: bool = False) -> np.ndarray:
+def _channel_slabs(ch: np.ndarray, shape, slab: int) -> Iterator[tuple[slice, np.ndarray]]:
+    """(Z slice, float32 block) of one channel at the cropped pre-resampling ``shape``, slab by slab:
+    cubic resize (skimage order 3, edge, clipped to the channel's range) without full-size temporaries."""
+    if ch.shape == tuple(shape):
+        for z0 in range(0, shape[0], slab):
+            sl = slice(z0, min(z0 + slab, shape[0]))
+            yield sl, ch[sl]
+        return
+    yield from resize_slabs(ch, shape, 3, slab=slab, dtype=np.float32)
+
+
+def restore_to_source(pred: np.ndarray, meta: CaseMeta, kind: str = "probs", softmax: bool = False,
+                      slab: int = RESTORE_SLAB_ROWS) -> np.ndarray:
     """Prediction (K, z, y, x) at the preprocessed geometry → (K, *original_shape) float32 at the source.
 
-    Per channel (one at a time, so peak memory ≈ output + one channel): remove padding, cubic resize
-    (skimage order 3, edge, clipped per channel) to the cropped pre-resampling shape, paste at the crop
-    box; outside it, background (see ``kind``). ``softmax``: apply softmax over channels afterwards
-    (for logits, as the reference does)."""
-    channels, fill = _restored_channels(pred, meta, kind)
+    Per channel and per slab of ``slab`` source Z rows (peak memory ≈ output + a few slabs): remove
+    padding, cubic resize (skimage order 3, edge, clipped per channel) to the cropped pre-resampling
+    shape, paste at the crop box; outside it, background (see ``kind``). ``softmax``: apply softmax over
+    channels afterwards (for logits, as the reference does), also slab by slab."""
+    pred, fill = _unpadded(pred, meta, kind)
     out = np.empty((pred.shape[0], *meta.original_shape), np.float32)
     box = tuple(slice(int(a), int(b)) for a, b in meta.crop_box)
-    for c, ch in channels:
+    for c in range(pred.shape[0]):
         out[c] = fill[c]
-        out[c][box] = ch
+        inside = out[c][box]
+        for sl, block in _channel_slabs(pred[c], meta.cropped_shape, slab):
+            inside[sl] = block
+            block = None  # freed before the next one is computed
     if softmax:
-        out -= out.max(axis=0, keepdims=True)
-        np.exp(out, out=out)
-        out /= out.sum(axis=0, keepdims=True)
+        for z0 in range(0, out.shape[1], slab):
+            part = out[:, z0:z0 + slab]
+            part -= part.max(axis=0, keepdims=True)
+            np.exp(part, out=part)
+            part /= part.sum(axis=0, keepdims=True)
     return out
 
 
-def restore_label_map(pred: np.ndarray, meta: CaseMeta, kind: str = "probs") -> np.ndarray:
-    """Argmax label map (uint8, original_shape) of :func:`restore_to_source`, streamed per channel: keeps
-    only a running max and argmax at the source resolution instead of all K channels."""
-    channels, _ = _restored_channels(pred, meta, kind)
-    box = tuple(slice(int(a), int(b)) for a, b in meta.crop_box)
-    best = labels = None
-    for c, ch in channels:
-        if best is None:
-            best = np.array(ch, np.float32)
-            labels = np.zeros(ch.shape, np.uint8)
-            continue
-        better = ch > best
-        labels[better] = c
-        np.maximum(best, ch, out=best)
+def restore_label_map(pred: np.ndarray, meta: CaseMeta, kind: str = "probs",
+                      slab: int = RESTORE_SLAB_ROWS) -> np.ndarray:
+    """Argmax label map (uint8, original_shape) of :func:`restore_to_source` (first channel wins ties),
+    streamed: the K class maps never exist at the source resolution.
+
+    Few channels: all channels advance slab by slab together, so only one slab's running max exists
+    (memory ≈ labels + K rolling windows of ~``slab`` + 50 rows). Many channels: one channel after the
+    other against a running max of the cropped volume (float32), whichever needs less memory."""
+    pred, _ = _unpadded(pred, meta, kind)
+    window = slab_window_rows(pred.shape[1], meta.cropped_shape[0], slab)  # rows held per channel
+    return _label_map(pred, meta, slab, together=pred.shape[0] * window <= meta.cropped_shape[0])
+
+
+def _label_map(pred: np.ndarray, meta: CaseMeta, slab: int, together: bool) -> np.ndarray:
+    """restore_label_map of an unpadded prediction; ``together``: slab-outer (else channel-outer) loop."""
+    n, shape = pred.shape[0], meta.cropped_shape
+    if n > 256:
+        raise ValueError(f"a uint8 label map holds at most 256 classes, got {n} channels")
     out = np.zeros(meta.original_shape, np.uint8)
-    out[box] = labels
+    labels = out[tuple(slice(int(a), int(b)) for a, b in meta.crop_box)]
+    streams = [_channel_slabs(pred[c], shape, slab) for c in range(n)]
+    n_slabs = -(-shape[0] // slab)
+    full = None if together else np.empty(shape, np.float32)  # channel-outer: running max of the volume
+    order = ([c for _ in range(n_slabs) for c in range(n)] if together
+             else [c for c in range(n) for _ in range(n_slabs)])
+    best = None
+    for c in order:
+        sl, ch = next(streams[c])
+        if c == 0 and together:  # a new slab and its own running max (a copy unless ch is already ours)
+            best = ch.astype(np.float32, copy=np.may_share_memory(ch, pred))
+        elif c == 0:
+            full[sl] = ch
+        else:
+            run = best if together else full[sl]
+            better = np.greater(ch, run)
+            labels[sl][better] = c
+            np.maximum(run, ch, out=run)
+            better = None
+        ch = None  # freed before the next block is computed
     return out

@@ -9,11 +9,17 @@ scipy's joint evaluation up to float rounding (~1e-7 relative; labels identical 
 
 Coordinates, tap starts, weights and the 12-voxel edge pre-padding follow ``scipy.ndimage.zoom`` with
 ``grid_mode=True``: input coordinate of output index k is ``(k + 0.5) * n_in / n_out - 0.5``.
+
+Bounded memory (:func:`resize_slabs`, used to map predictions back to a large CT): the same passes, but
+the output is produced a slab of axis-0 rows at a time. Passes along the other axes work row by row, so
+they stream exactly; the axis-0 spline prefilter is a recursive filter over whole lines, but its reach
+decays geometrically, so a window with ``_MARGIN`` extra rows gives the same float32 coefficients.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 
@@ -21,6 +27,13 @@ import numpy as np
 import scipy.ndimage as ndi
 
 _NPAD = 12  # scipy.ndimage pre-pads by 12 voxels (edge mode) before the spline filter for mode 'nearest'
+# Rows of spline-prefilter context kept on each side of a slab's taps in resize_slabs. The cubic prefilter
+# is an IIR filter with pole z = sqrt(3) - 2: a row's coefficient depends on rows d away as |z|**d, and
+# |z|**24 ≈ 2e-14 is far below float32 rounding: the windowed coefficients round to the same float32
+# (up to a rare last-bit flip).
+_MARGIN = 24
+_CHUNK_ROWS = 8  # resize_slabs: input rows pre-passed (in-plane) per call
+_WINDOW_BYTES = 8 << 20  # resize_slabs: size of one column block of the axis-0 filter window
 
 
 @lru_cache(maxsize=64)
@@ -91,8 +104,9 @@ def resize_axis(arr: np.ndarray, axis: int, n_out: int, order: int, dtype=np.flo
     if order == 3:
         pad = [(0, 0)] * arr.ndim
         pad[axis] = (_NPAD, _NPAD)
-        arr = ndi.spline_filter1d(np.pad(arr, pad, mode="edge"), 3, axis=axis, mode="nearest",
-                                  output=dtype)
+        arr = np.pad(arr, pad, mode="edge")  # a fresh array: filter it in place when the dtype allows
+        arr = ndi.spline_filter1d(arr, 3, axis=axis, mode="nearest",
+                                  output=arr if arr.dtype == dtype else dtype)
     return _gather(arr, axis, idx, w, dtype)
 
 
@@ -111,9 +125,8 @@ def resize(arr: np.ndarray, new_shape, order: int, axes=None, dtype=np.float64,
     for a in range(arr.ndim):
         if a not in axes and arr.shape[a] != new_shape[a]:
             raise ValueError(f"axis {a} is not resampled but its size changes {arr.shape} -> {new_shape}")
-    # Shrink first: later passes then run on fewer voxels.
     out = arr
-    for a in sorted(axes, key=lambda a: new_shape[a] / arr.shape[a]):
+    for a in _pass_order(arr.shape, new_shape, axes):
         out = resize_axis(out, a, new_shape[a], order, dtype)
     out = out.astype(dtype, copy=out is arr)
     if clip and order > 0:
@@ -121,6 +134,104 @@ def resize(arr: np.ndarray, new_shape, order: int, axes=None, dtype=np.float64,
         hi = arr.max(axis=axes, keepdims=True)
         np.clip(out, lo, hi, out=out)
     return out
+
+
+def _pass_order(shape, new_shape, axes) -> list[int]:
+    """Axes in the order resize applies them: shrink first, so later passes run on fewer voxels."""
+    return sorted(axes, key=lambda a: new_shape[a] / shape[a])
+
+
+def resize_slabs(arr: np.ndarray, new_shape, order: int = 3, slab: int = 32, dtype=np.float32,
+                 clip: bool = True, margin: int = _MARGIN) -> Iterator[tuple[slice, np.ndarray]]:
+    """:func:`resize` of all axes, streamed: yields (output axis-0 slice, block) for consecutive slabs of
+    ``slab`` output rows, so no full-size intermediate is ever held (memory ≈ a few slabs).
+
+    Same passes in the same order as :func:`resize`. Passes before the axis-0 pass run once per input row
+    (kept in a rolling window); the axis-0 pass runs per slab on a window of (pre-passed, edge-padded)
+    rows: its spline prefilter is fed ``margin`` extra rows beyond the slab's taps, which makes the
+    coefficients equal to the whole-line ones (see ``_MARGIN``; in practice bit-identical). Later passes
+    run on the slab. Clipping uses the range of the whole input, as :func:`resize`.
+    """
+    new_shape = tuple(int(s) for s in new_shape)
+    if arr.ndim < 2 or len(new_shape) != arr.ndim or min(new_shape) < 1 or min(arr.shape) < 1:
+        raise ValueError(f"new shape {new_shape} does not fit an array of shape {arr.shape} (2-D or more)")
+    if order not in (1, 3) or slab < 1 or margin < 0:
+        raise ValueError(f"resize_slabs needs order 1 or 3, slab >= 1, margin >= 0 (got {order}, {slab}, "
+                         f"{margin})")
+    passes = _pass_order(arr.shape, new_shape, range(arr.ndim))
+    pre, post = passes[:passes.index(0)], passes[passes.index(0) + 1:]
+    lo = hi = None
+    if clip:
+        lo, hi = arr.min(keepdims=True), arr.max(keepdims=True)
+
+    def inplane(block: np.ndarray, axes) -> np.ndarray:
+        for a in axes:
+            block = resize_axis(block, a, new_shape[a], order, dtype)
+        return block
+
+    def finish(block: np.ndarray) -> np.ndarray:
+        block = block.astype(dtype, copy=np.may_share_memory(block, arr))
+        if clip:
+            np.clip(block, lo, hi, out=block)
+        return block
+
+    n_in, n_out = arr.shape[0], new_shape[0]
+    if n_in == n_out:
+        for k0 in range(0, n_out, slab):
+            sl = slice(k0, min(k0 + slab, n_out))
+            yield sl, finish(inplane(arr[sl], pre + post))
+        return
+    idx, w = axis_taps(n_in, n_out, order)
+    npad, n_rows = (_NPAD, n_in + 2 * _NPAD) if order == 3 else (0, n_in)
+    if order == 1:
+        margin = 0
+    chunks: list[tuple[int, np.ndarray]] = []  # (first input row, those rows pre-passed): rolling window
+    done = 0  # input rows pre-passed so far
+    for k0 in range(0, n_out, slab):
+        sl = slice(k0, min(k0 + slab, n_out))
+        taps = idx[:, sl]
+        w0, w1 = max(int(taps.min()) - margin, 0), min(int(taps.max()) + 1 + margin, n_rows)
+        rows = np.clip(np.arange(w0, w1) - npad, 0, n_in - 1)  # window rows → input rows (edge padding)
+        if pre:
+            r0, r1 = int(rows[0]), int(rows[-1]) + 1
+            chunks = [(a, c) for a, c in chunks if a + len(c) > r0]
+            for a in range(max(done, r0), r1, _CHUNK_ROWS):  # small chunks: little retained beyond r0
+                chunks.append((a, inplane(arr[a:min(a + _CHUNK_ROWS, r1)], pre)))
+            done = max(done, r1)
+            src = chunks
+        else:
+            src = [(0, arr)]
+        # no name holds the block while suspended: once the caller drops it, it is freed
+        yield sl, finish(inplane(_axis0_block(src, rows, taps - w0, w[:, sl], order, dtype), post))
+        del src
+
+
+def _axis0_block(src: list[tuple[int, np.ndarray]], rows: np.ndarray, taps: np.ndarray, w: np.ndarray,
+                 order: int, dtype) -> np.ndarray:
+    """Axis-0 pass of one slab: gather the window ``rows`` from the row chunks ``src`` (first row, rows),
+    prefilter (order 3) and interpolate with ``taps`` / ``w``, a column block of a few MB at a time."""
+    first = src[-1][1]
+    plane = first.shape[1:]
+    block = np.empty((taps.shape[1], *plane), dtype)
+    step = max(1, _WINDOW_BYTES // (len(rows) * int(np.prod(plane[1:])) * first.itemsize))
+    for y0 in range(0, plane[0], step):
+        ys = slice(y0, y0 + step)
+        window = np.empty((len(rows), *first[:0, ys].shape[1:]), first.dtype)
+        for a, c in src:  # rows ascend: each chunk fills one contiguous run of the window
+            i0, i1 = np.searchsorted(rows, [a, a + len(c)])
+            np.take(c[:, ys], rows[i0:i1] - a, axis=0, out=window[i0:i1], mode="clip")
+        if order == 3:  # in place when the dtype allows: scipy filters line by line through a buffer
+            window = ndi.spline_filter1d(window, 3, axis=0, mode="nearest",
+                                         output=window if window.dtype == dtype else dtype)
+        block[:, ys] = _gather(window, 0, taps, w, dtype)
+    return block
+
+
+def slab_window_rows(n_in: int, n_out: int, slab: int, order: int = 3) -> int:
+    """About how many (pre-passed) input rows one :func:`resize_slabs` stream holds at a time."""
+    if n_in == n_out:
+        return 0
+    return min(int(np.ceil(slab * n_in / n_out)) + 4 + (2 * _MARGIN if order == 3 else 0), n_in)
 
 
 def _workers(n: int, workers: int | None) -> int:
