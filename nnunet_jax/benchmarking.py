@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from nnunet_jax.attrdict import AttrDict
+
 PERCENTILES = (90, 95, 99)
 
 
@@ -103,12 +105,6 @@ def _precision(amp: bool, amp_dtype: str, device_kind: str) -> str:
     return "tf32" if "gpu" in device_kind.lower() or "nvidia" in device_kind.lower() else "fp32"
 
 
-class _Cfg(dict):
-    """Attribute access over a dict: the optimizer factory reads ``config.x`` and ``config.get``."""
-
-    __getattr__ = dict.__getitem__
-
-
 def _synthetic_batch(spec: BenchSpec, global_batch: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(spec.seed)
     image = rng.standard_normal((global_batch, *spec.patch, spec.in_channels), dtype=np.float32)
@@ -170,7 +166,7 @@ def run_jax(spec: BenchSpec, data_dir: str | os.PathLike | None = None) -> Bench
     dtype = (jnp.float16 if fp16 else jnp.bfloat16) if spec.amp else jnp.float32
     model = UNet(n_class=spec.n_class, kernels=spec.kernels, strides=spec.strides, filters=spec.filters,
                  dtype=dtype)
-    tx = make_optimizer(_Cfg(optimizer="radam", learning_rate=1e-3, weight_decay=1e-4, momentum=0.99,
+    tx = make_optimizer(AttrDict(optimizer="radam", learning_rate=1e-3, weight_decay=1e-4, momentum=0.99,
                              gradient_clip_val=0.0, lr_warmup_epochs=0))
     state = step_lib.init_state(model, tx, (*spec.patch, spec.in_channels), spec.seed, mesh, fp16=fp16)
     host = real_batches(data_dir, spec, global_batch) if data_dir else [_synthetic_batch(spec, global_batch)]

@@ -29,6 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nnunet_jax.attrdict import AttrDict
+
 ApplyFn = Callable[[Any, jax.Array], jax.Array]
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
@@ -154,16 +156,6 @@ def _softmax(x: np.ndarray, axis: int = 0) -> np.ndarray:
 # ------------------------------------------------------------------------------------------ the model
 
 
-class _Cfg(dict):
-    """Attribute access over a dict (the training helpers read ``config.x`` and ``config.get``)."""
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return self[name]
-        except KeyError as e:
-            raise AttributeError(name) from e
-
-
 def _default_config() -> dict[str, Any]:
     from configs.default import get_config
 
@@ -212,8 +204,8 @@ def restore_variables(
     from nnunet_jax.training import step as step_lib
     from nnunet_jax.training.loop import build_model
 
-    cfg = _Cfg(config)
-    model = build_model(_Cfg(dict(config, amp=False)), dict(plan))
+    cfg = AttrDict(config)
+    model = build_model(AttrDict(dict(config, amp=False)), dict(plan))
     fp16 = bool(cfg.get("amp")) and cfg.get("amp_dtype") == "fp16"
     tx = optim.make_optimizer(cfg)
     input_shape = (*map(int, plan["patch_size"]), int(plan["in_channels"]))
@@ -333,7 +325,7 @@ class Predictor:
             variables.append(restore_variables(p, config, the_plan, mesh))
             configs.append((config, the_plan))
         config, the_plan = configs[0]
-        model = build_model(_Cfg(dict(config, amp=amp, amp_dtype=amp_dtype)), the_plan)
+        model = build_model(AttrDict(dict(config, amp=amp, amp_dtype=amp_dtype)), the_plan)
         return cls.from_model(the_plan, model, variables, brats=use_brats(config), **options)
 
     @classmethod
