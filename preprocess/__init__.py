@@ -87,8 +87,6 @@ def output_dir(results: str | os.PathLike, task_dir: Path, task_number: str | No
     return base if exec_mode == "training" else base / exec_mode
 
 
-
-
 def _load_or_make_plan(dataset: Dataset, task: str, info, dim: int, exec_mode: str, base: Path,
                        patch_size: Sequence[int] | None, n_jobs: int, progress: bool) -> dict:
     training_plan = base / "plan.json"
@@ -109,7 +107,17 @@ def preprocess_dataset(
     patch_size: Sequence[int] | None = None,
     progress: bool = True,
 ) -> Path:
-    """Preprocess one task (MSD number or custom folder path) and return the output folder."""
+    """Preprocess one task (MSD number or custom folder path) and return the output folder.
+
+    The plan (made first, unless val/test reuse the training plan) checks the patch against the training
+    cases cropped and resampled, so a ``patch_size`` larger than every case along an axis fails
+    (DatasetError) before any case is processed; MSD tasks with their table patch are checked after.
+
+    ``n_jobs > 1`` runs cases in spawned processes, which re-import the calling script: call this from a
+    script only under ``if __name__ == "__main__":`` (or use ``n_jobs=1``). An unguarded script is refused
+    with a RuntimeError before any process starts; a worker that dies anyway (e.g. out of memory) is
+    reported as a RuntimeError too, and nothing is left behind.
+    """
     if exec_mode not in EXEC_MODES:
         raise ValueError(f"exec_mode must be one of {EXEC_MODES}, got {exec_mode!r}")
     if dim not in (2, 3):
@@ -138,7 +146,7 @@ def preprocess_dataset(
             for c in cases
         ]
         done = parallel_map(process_case, jobs, n_jobs, f"preprocess {exec_mode}", progress)
-        if exec_mode == "training":
+        if exec_mode == "training":  # planning checked the same shapes, except for MSD table patches
             check_patch_fits(plan["patch_size"], {d["name"]: d["unpadded"] for d in done},
                              "cropped and resampled" if dim == 3 else "cropped slice")
         written = dict(plan, exec_mode=exec_mode, preprocessed=[d["name"] for d in done])

@@ -17,7 +17,11 @@ from preprocess.planning import (
     ct_statistics,
     make_plan,
     median_target_spacing,
+    parallel_map,
     plan_patch_size,
+    resampled_shape,
+    tidy_spacing,
+    unguarded_main_script,
 )
 from preprocess.synthetic import generate
 
@@ -45,6 +49,21 @@ def test_patch_size_rule():
     assert all(p <= m for p, m in zip(big, [200, 300, 280], strict=True))
     flat = plan_patch_size([300, 600], [0.8, 0.8], 2)
     assert math.prod(flat) <= 512**2 and all(p % 32 == 0 for p in flat)  # five halvings per axis in 2D
+
+
+def test_planned_patch_never_exceeds_the_largest_case():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        dim = int(rng.integers(2, 4))
+        shapes = rng.integers(1, 400, size=(int(rng.integers(1, 6)), dim))
+        spacing = rng.uniform(0.5, 4.0, size=dim)
+        largest = shapes.max(axis=0)
+        patch = plan_patch_size(np.median(shapes, axis=0), spacing, dim, largest=largest)
+        assert all(1 <= p <= m for p, m in zip(patch, largest, strict=True)), (shapes, patch)
+        check_patch_fits(patch, {str(i): s for i, s in enumerate(shapes)}, "cropped")  # never raises
+    # A bound below the median (not possible from real shapes, but the bound must hold): Z 30 → 15 → 7.5
+    # is halved twice, so it is rounded down to a multiple of 4: 28.
+    assert plan_patch_size([64, 64, 64], [1.0, 1.0, 1.0], 3, largest=[30, 64, 64]) == [28, 64, 64]
 
 
 def test_patch_larger_than_every_case():
@@ -131,4 +150,107 @@ def test_msd_table_plan_and_overrides(tmp_path):
     # The same folder as a custom dataset: spacing from the data, patch planned.
     own = make_plan(ds, "Task00_Synthetic", None, 3, progress=False)
     assert own["spacing"] == pytest.approx([1.0, 1.0, 1.0])  # medians of (1|1.5, 1|1.2, 1|1.2)
-    assert all(p % 8 == 0 or p < 8 for p in own["patch_size"])
+    factor = np.prod(np.array(own["topology"]["strides"]), axis=0)
+    assert all(p % f == 0 for p, f in zip(own["patch_size"], factor, strict=True))
+
+
+F32 = [float(np.float32(v)) for v in (0.8, 1.6, 3.2)]  # what NIfTI pixdim holds: 0.800000011920929, ...
+
+
+def ct_body_dataset(root, air: float = -1000.0):
+    """Three CT-like cases whose body (> 0 HU) fills only a box of the field of view, air elsewhere.
+
+    Case (stored X, Y, Z; here in Z, Y, X) | spacing (Z, Y, X) | body box → cropped shape:
+      body_0  20×64×64 | 1.6, 0.8, 0.8 | Z 2:18,  Y 10:50, X 12:52 → 16×40×40
+      body_1  20×64×64 | 1.6, 0.8, 0.8 | Z 0:20,  Y 5:49,  X 0:36  → 20×44×36
+      body_2  10×64×64 | 3.2, 0.8, 0.8 | Z 1:9,   Y 8:56,  X 4:50  → 8×48×46, resampled to Z 16 → 16×48×46
+    """
+    rng = np.random.default_rng(5)
+    cases = [((20, 64, 64), (1.6, 0.8, 0.8), (slice(2, 18), slice(10, 50), slice(12, 52))),
+             ((20, 64, 64), (1.6, 0.8, 0.8), (slice(0, 20), slice(5, 49), slice(0, 36))),
+             ((10, 64, 64), (3.2, 0.8, 0.8), (slice(1, 9), slice(8, 56), slice(4, 50)))]
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+    training = []
+    for i, (shape, spacing, box) in enumerate(cases):
+        image = (air + rng.normal(0, 10, shape)).astype(np.float32)  # air: never > 0
+        image[box] = rng.uniform(20, 60, size=image[box].shape)  # soft tissue: always > 0
+        label = np.zeros(shape, np.uint8)
+        inner = tuple(slice(b.start + 2, b.start + 6) for b in box)
+        label[inner] = 1
+        image[inner] += 60
+        affine = np.diag([*spacing[::-1], 1.0])  # NIfTI axes are X, Y, Z
+        name = f"body_{i}.nii.gz"
+        nib.save(nib.Nifti1Image(image.transpose(2, 1, 0), affine), str(root / "imagesTr" / name))
+        nib.save(nib.Nifti1Image(label.transpose(2, 1, 0), affine), str(root / "labelsTr" / name))
+        training.append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"})
+    meta = {"name": "BodyCT", "modality": {"0": "CT"}, "labels": {"0": "background", "1": "organ"},
+            "training": training, "test": []}
+    (root / "dataset.json").write_text(json.dumps(meta))
+    return root
+
+
+def test_ct_patch_planned_from_cropped_shapes(tmp_path):
+    ds = load_dataset(ct_body_dataset(tmp_path / "BodyCT"))
+    plan = make_plan(ds, "BodyCT", None, 3, progress=False)
+    # Target spacing: medians (1.6, 0.8, 0.8), ratio 2 < 3. Cropped and resampled shapes (docstring):
+    # 16×40×40, 20×44×36, 16×48×46 → median 16×44×40 (the uncropped median would be 20×64×64, and a
+    # patch of 64 in-plane fits no case). Topology at 1.6×0.8×0.8 mm: strides 2,2,2 then 2,2,2 (Z 8 → 4),
+    # then 1,2,2 (Z 4 < 8; Y 11, X 10 ≥ 8) → factors Z 4, Y 8, X 8 → patch 16×40×40.
+    assert plan["median_shape"] == [16.0, 44.0, 40.0]
+    assert plan["patch_size"] == [16, 40, 40]
+    assert plan["topology"]["strides"] == [[1, 1, 1], [2, 2, 2], [2, 2, 2], [1, 2, 2]]
+    assert plan["spacing"] == [1.6, 0.8, 0.8]  # exactly: no float32 noise (0.800000011920929)
+    assert plan["source"]["median_shape"].startswith("training cases cropped")
+    fg = []  # the CT statistics come from the same pass over the images
+    for entry in json.loads((ds.root / "dataset.json").read_text())["training"]:
+        image = np.asarray(nib.load(str(ds.root / entry["image"])).dataobj, np.float64)
+        fg.append(image[np.asarray(nib.load(str(ds.root / entry["label"])).dataobj) > 0])
+    fg = np.concatenate(fg)
+    np.testing.assert_allclose(plan["ct_stats"], [*np.percentile(fg, [0.5, 99.5]), fg.mean(), fg.std()],
+                               rtol=1e-5)
+    assert make_plan(ds, "BodyCT", None, 3, n_jobs=2, progress=False) == plan  # one pass in 2 processes
+    # 2D: cropped (Y, X) slices 40×40, 44×36, 48×46 → median 44×40 → three halvings → 40×40.
+    plan2d = make_plan(ds, "BodyCT", None, 2, progress=False)
+    assert plan2d["median_shape"] == [44.0, 40.0] and plan2d["patch_size"] == [40, 40]
+    assert plan2d["spacing"] == [0.8, 0.8]
+    # A given patch is checked against the cropped shapes (largest 20×48×46), not the 64×64 headers.
+    with pytest.raises(DatasetError, match=r"patch size \[16, 48, 48\].*axis X: the largest cropped and "
+                                           r"resampled shape per axis is \[20, 48, 46\]"):
+        make_plan(ds, "BodyCT", None, 3, patch_size=[16, 48, 48], progress=False)
+
+
+def test_tidy_spacing_keeps_what_gets_resampled():
+    f32 = [float(np.float32(v)) for v in (0.35, 0.7)]
+    # 0.8f cases onto 0.8f: rounding to 0.8 changes neither the "no resampling" nor the 1.6f case's shape.
+    assert tidy_spacing([F32[0], 1.0, 1.0], np.array([[F32[0], 1, 1], [F32[1], 1, 1]]),
+                        [[10, 5, 5], [10, 5, 5]]) == [0.8, 1.0, 1.0]
+    # 0.7f / 0.35f is exactly 2 (10 → 20 voxels) but 0.7f / 0.35 is 1.99999997 (→ 19): keep the raw value.
+    assert resampled_shape([10, 5, 5], [f32[1], 1, 1], [0.35, 1, 1]) == [19, 5, 5]
+    assert tidy_spacing([f32[0], 1.0, 1.0], np.array([[f32[1], 1, 1]]), [[10, 5, 5]]) == [f32[0], 1.0, 1.0]
+
+
+def test_unguarded_main_script_detection(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    main = types.ModuleType("__main__")
+    monkeypatch.setitem(sys.modules, "__main__", main)
+    assert unguarded_main_script() is None  # interactive: no file
+    script = tmp_path / "run.py"
+    main.__file__ = str(script)
+    script.write_text("from preprocess import preprocess_dataset\n"
+                      "preprocess_dataset('d', '00', 3, 'r', n_jobs=2)\n")
+    assert unguarded_main_script() == script
+    with pytest.raises(RuntimeError, match=r"run.py to run its work under `if __name__ == \"__main__\":`"):
+        parallel_map(abs, [1, 2], 2, "test", progress=False)
+    assert parallel_map(abs, [-1, -2], 1, "test", progress=False) == [1, 2]  # serial: no processes, fine
+    script.write_text("def main():\n    pass\n\n\nif '__main__' == __name__:\n    main()\n")
+    assert unguarded_main_script() is None
+
+
+def test_dead_worker_is_a_clear_error():
+    import os
+
+    with pytest.raises(RuntimeError, match="worker process died.*out of memory.*__main__"):
+        parallel_map(os._exit, [3, 3], 2, "test", progress=False)

@@ -13,10 +13,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+import preprocess
 from nnunet_jax.io import DatasetError
 from nnunet_jax.preprocessing import CaseMeta
 from preprocess import preprocess_dataset
 from preprocess.synthetic import generate
+from tests.test_planning import ct_body_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 TASK = "Task00_Synthetic"
@@ -162,9 +164,66 @@ def test_bad_input_one_clear_error_nothing_left(kind, data, tmp_path):
     assert not results.exists() or list(results.iterdir()) == []
 
 
-def test_patch_larger_than_every_case(data, tmp_path):
-    with pytest.raises(DatasetError, match=r"patch size \[64, 32, 32\] is larger than every training case"):
+def _spy_cases(monkeypatch) -> list:
+    """Record the cases preprocessing starts (serial runs only: the spy stays in this process)."""
+    started: list = []
+    real = preprocess.process_case
+
+    def spy(job):
+        started.append(job.case.name)
+        return real(job)
+
+    monkeypatch.setattr(preprocess, "process_case", spy)
+    return started
+
+
+def test_patch_larger_than_every_case(data, tmp_path, monkeypatch):
+    started = _spy_cases(monkeypatch)
+    with pytest.raises(DatasetError, match=r"patch size \[64, 32, 32\] is larger than every training case "
+                                           r"along axis Z: the largest cropped and resampled shape"):
         preprocess_dataset(data, "00", 3, tmp_path / "r", "training", patch_size=[64, 32, 32], progress=False)
+    assert started == []  # failed in planning, before any case was preprocessed
+    assert not (tmp_path / "r").exists() or list((tmp_path / "r").iterdir()) == []
+
+
+def test_ct_body_inside_field_of_view(tmp_path, monkeypatch):
+    """CT in HU: the air (−1000) is cropped away, the patch is planned from what is left, and fits."""
+    root = ct_body_dataset(tmp_path / "BodyCT")
+    started = _spy_cases(monkeypatch)
+    with pytest.raises(DatasetError, match=r"patch size \[16, 64, 40\] is larger than every training case "
+                                           r"along axis Y: .* is \[20, 48, 46\]"):  # 64 = the header size
+        preprocess_dataset(tmp_path, str(root), 3, tmp_path / "r", patch_size=[16, 64, 40], progress=False)
+    assert started == [] and not (tmp_path / "r").exists()
+
+    out = preprocess_dataset(tmp_path, str(root), 3, tmp_path / "r", progress=False)
+    assert started == ["body_0", "body_1", "body_2"]
+    text = (out / "plan.json").read_text()
+    plan = json.loads(text)
+    assert plan["patch_size"] == [16, 40, 40]  # hand-computed in tests/test_planning.py
+    assert plan["spacing"] == [1.6, 0.8, 0.8] and "0.800000" not in text and "1.600000" not in text
+    expected = {"body_0": ((16, 40, 40), (16, 40, 40)), "body_1": ((20, 44, 36), (20, 44, 36)),
+                "body_2": ((8, 48, 46), (16, 48, 46))}  # (cropped, resampled): only body_2 (3.2 mm) resampled
+    for name, (cropped, resampled) in expected.items():
+        x, y, meta = _load(out, name)
+        assert meta.cropped_shape == cropped and meta.resampled_shape == resampled
+        assert all(s >= p for s, p in zip(x.shape[1:], plan["patch_size"], strict=True))
+        assert (y > 0).any() and np.isfinite(x).all()
+
+
+def test_unguarded_script_with_n_jobs_is_refused(source, tmp_path):
+    """Spawned workers re-run an unguarded script (here: regenerating the data being read); refused."""
+    script = tmp_path / "unguarded.py"
+    script.write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {str(ROOT)!r})\n"
+        "from preprocess import preprocess_dataset\n"
+        "print('started', flush=True)\n"
+        f"preprocess_dataset({str(source)!r}, '00', 3, {str(tmp_path / 'r')!r}, n_jobs=2, progress=False)\n"
+    )
+    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True)
+    assert proc.returncode != 0 and proc.stdout.count("started") == 1  # no worker re-ran the script
+    assert "RuntimeError" in proc.stderr and 'if __name__ == "__main__":' in proc.stderr
+    assert "BrokenProcessPool" not in proc.stderr and "unguarded.py" in proc.stderr
     assert not (tmp_path / "r").exists() or list((tmp_path / "r").iterdir()) == []
 
 
