@@ -177,8 +177,9 @@ print(f"{dataset.name}: {dataset.in_channels} channel(s) {dataset.modalities}, {
 #   smallest ≥ 3) the **coarsest** axis is set to the 10th percentile of its spacings, so thin-slice cases are
 #   not thrown away by downsampling them to the median;
 # - **CT statistics**: 0.5/99.5 percentiles, mean and std of the voxels under the labels;
-# - **patch size**: the median resampled image shape (shrunk to ≤ 128³ voxels when larger), rounded down to a
-#   multiple of the network's downsampling along each axis;
+# - **patch size**: the median shape of the training cases cropped to their nonzero box and resampled
+#   (shrunk to ≤ 128³ voxels when larger), rounded down to a multiple of the network's downsampling along each
+#   axis, and never larger than the largest case;
 # - **topology**: per level, stride 2 along an axis while it is at most twice as coarse as the finest and at
 #   least 8 voxels long; 1×3×3 kernels on axes that are still too coarse.
 
@@ -186,17 +187,18 @@ print(f"{dataset.name}: {dataset.in_channels} channel(s) {dataset.modalities}, {
 from nnunet_jax.topology import plan_topology  # noqa: E402
 from preprocess import planning  # noqa: E402
 
-geometry = [planning.read_geometry(case) for case in dataset.training]  # (shape, spacing) in (Z, Y, X)
-spacings = np.array([sp for _, sp in geometry])
+# One pass over the training images: each case's nonzero box (what preprocessing crops to) and spacing.
+survey = planning.survey_cases(dataset.training, dataset.label_values, dataset.in_channels, progress=False)
+spacings = np.array([case.spacing for case in survey])
 target, anisotropic = planning.median_target_spacing(spacings)
 print("slice spacings (Z):", spacings[:, 0].tolist())
 print(f"median spacing {np.median(spacings, axis=0).round(3).tolist()} -> "
       f"target {np.round(target, 3).tolist()} (anisotropic: {anisotropic})")
 
-shapes = [planning.resampled_shape(shape, sp, target) for shape, sp in geometry]
-median_shape = np.median(np.array(shapes), axis=0)
-patch = planning.plan_patch_size(median_shape, target, dim=3)
-print(f"median resampled shape {median_shape.tolist()} -> patch {patch}")
+shapes = np.array([planning.resampled_shape(case.cropped_shape, case.spacing, target) for case in survey])
+median_shape = np.median(shapes, axis=0)
+patch = planning.plan_patch_size(median_shape, target, dim=3, largest=shapes.max(axis=0))
+print(f"median cropped+resampled shape {median_shape.tolist()} -> patch {patch}")
 topology = plan_topology(patch, target)
 print("kernels:", topology.kernels)
 print("strides:", topology.strides)
