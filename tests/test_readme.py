@@ -75,6 +75,8 @@ def make_hippocampus_like(root: Path, n_train: int = 8, n_test: int = 2, seed: i
     for sub in ("imagesTr", "labelsTr", "imagesTs"):
         (task / sub).mkdir(parents=True)
     training, test = [], []
+    # Test images 002 and 005 as in the real Task04 (the README's Python example predicts 002).
+    names = [k for k in range(1, 64) if k not in (2, 5)][:n_train] + [2, 5][:n_test]
     for i in range(n_train + n_test):
         z, y, x = (44, 60, 44) if i == 0 else tuple(int(v) for v in rng.integers([34, 48, 34], [45, 61, 45]))
         zz, yy, xx = np.meshgrid(*(np.linspace(-1, 1, s) for s in (z, y, x)), indexing="ij")
@@ -85,7 +87,7 @@ def make_hippocampus_like(root: Path, n_train: int = 8, n_test: int = 2, seed: i
         label[blob & (yy >= c[1])] = 2
         image = 100 + 40 * label + rng.normal(0, 8, label.shape)
         image[(zz**2 + yy**2 + xx**2) > 2.2] = 0  # background outside a rounded box
-        name = f"hippocampus_{i:03d}.nii.gz"
+        name = f"hippocampus_{names[i]:03d}.nii.gz"
         img_xyz = image.transpose(2, 1, 0).astype(np.float32)
         if i < n_train:
             _write_nifti(img_xyz, task / "imagesTr" / name)
@@ -186,6 +188,15 @@ def test_readme_msd_workflow(tmp_path, archive_server):
     assert "img/s" in outputs[8] and (ROOT / "perf.json").exists()
     (ROOT / "perf.json").unlink()
     assert (run0 / "curves.png").is_file()
+
+    # The README's Python example, as written (paths moved like the commands').
+    snippet = re.search(r"```python\n(.*?)```", README, re.S).group(1)
+    snippet = r.tiny(snippet) + "\nprint('LABELS', prediction.labels.shape, prediction.labels.dtype)\n"
+    out = subprocess.run([sys.executable, "-c", snippet], cwd=ROOT, env=r.env, capture_output=True, text=True,
+                         timeout=600, check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    src = nib.load(str(r.data / "Task04_Hippocampus" / "imagesTs" / "hippocampus_002.nii.gz"))
+    assert f"LABELS {tuple(src.shape[::-1])} uint8" in out.stdout  # (Z, Y, X) of the (X, Y, Z) NIfTI
 
     r.run(block("resume")[0], extra="--max_epochs 2")
     logs = [json.loads(ln) for ln in (run0 / "logs.json").read_text().splitlines()]
