@@ -16,7 +16,7 @@ flags.DEFINE_string("logs", None, "A run's logs.json: draw loss, per-class Dice 
 flags.DEFINE_string("image", None, "Source image (NIfTI) for an overlay.")
 flags.DEFINE_string("pred", None, "Label map (NIfTI) drawn over the image.")
 flags.DEFINE_string("label", None, "Optional reference label map (NIfTI), drawn in a second row.")
-flags.DEFINE_string("plan", None, "plan.json whose class names label the legend.")
+flags.DEFINE_string("plan", None, "plan.json whose class names label the legends.")
 flags.DEFINE_integer("slices", 3, "Slices per overlay.")
 flags.DEFINE_string("out", None, "Output PNG.", required=True)
 FLAGS = flags.FLAGS
@@ -29,7 +29,10 @@ def main(argv: list[str]) -> int:
 
     try:
         if FLAGS.logs:
-            out = visualize.plot_training_curves(FLAGS.logs, FLAGS.out)
+            names = None
+            if FLAGS.plan:
+                names = {str(k): v for k, v in json.load(open(FLAGS.plan)).get("labels", {}).items()}
+            out = visualize.plot_training_curves(FLAGS.logs, FLAGS.out, names)
         elif FLAGS.image and FLAGS.pred:
             names = None
             if FLAGS.plan:

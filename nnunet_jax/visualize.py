@@ -80,8 +80,10 @@ def _per_class_dice(rec: Mapping) -> dict[str, float]:
     return {}
 
 
-def plot_training_curves(logs: str | os.PathLike, out: str | os.PathLike) -> Path:
-    """Loss (train/val), per-class and mean Dice, and learning rate per epoch, as one PNG."""
+def plot_training_curves(logs: str | os.PathLike, out: str | os.PathLike,
+                         class_names: Mapping[str, str] | None = None) -> Path:
+    """Loss (train/val), per-class and mean Dice, and learning rate per epoch, as one PNG; ``class_names``
+    maps the logged class keys ("1", "2", ...) to names (dataset.json labels)."""
     records = read_logs(logs)
     if not records:
         raise ValueError(f"{logs}: no epoch records to plot")
@@ -99,7 +101,8 @@ def plot_training_curves(logs: str | os.PathLike, out: str | os.PathLike) -> Pat
     classes = sorted({c for r in records for c in _per_class_dice(r)}, key=lambda c: (len(c), c))
     for i, c in enumerate(classes):
         pts = series(lambda r, c=c: _per_class_dice(r).get(c))
-        axes[1].plot(*pts, color=class_color(i + 1), label=c if not c.isdigit() else f"class {c}")
+        name = (class_names or {}).get(c, c if not c.isdigit() else f"class {c}")
+        axes[1].plot(*pts, color=class_color(i + 1), label=name)
     axes[1].plot(*series(lambda r: r.get("mean_dice")), "k-", linewidth=2, label="mean")
     axes[1].set(title="validation Dice", xlabel="epoch")
     axes[1].legend()

@@ -21,7 +21,8 @@ def _logs(path, n=5):
 def test_curves_png(tmp_path):
     _logs(tmp_path / "logs.json")
     assert len(read_logs(tmp_path / "logs.json")) == 5
-    out = plot_training_curves(tmp_path / "logs.json", tmp_path / "plots" / "curves.png")
+    out = plot_training_curves(tmp_path / "logs.json", tmp_path / "plots" / "curves.png",
+                               {"1": "oedema", "2": "core"})
     img = mpimg.imread(out)
     assert img.ndim == 3 and img.shape[1] > img.shape[0] > 100
     assert not list((tmp_path / "plots").glob(".*"))  # no temp file left

@@ -243,12 +243,13 @@ def _write_atomic(path: Path, text: str) -> None:
         tmp.write_text(text)
 
 
-def _plot_curves(logs: Path, workdir: Path) -> None:
+def _plot_curves(logs: Path, workdir: Path, plan: dict[str, Any]) -> None:
     """``curves.png`` beside ``logs.json``; a picture that cannot be drawn never fails a finished run."""
     try:
         from nnunet_jax.visualize import plot_training_curves
 
-        plot_training_curves(logs, workdir / "curves.png")
+        names = {str(k): str(v) for k, v in (plan.get("labels") or {}).items()}
+        plot_training_curves(logs, workdir / "curves.png", names)
     except Exception as e:  # noqa: BLE001 - matplotlib missing, no epoch logged yet, ...
         log.warning("training curves not drawn: %s", e)
 
@@ -438,7 +439,7 @@ def _train(config: Any, workdir: Path, data: DataSource, model: Any, tx: Any, ta
             break
     ckpts.wait()
     if main:
-        _plot_curves(logs, workdir)
+        _plot_curves(logs, workdir, data.plan)
     return summary
 
 
