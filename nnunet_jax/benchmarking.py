@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -26,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from nnunet_jax.atomic import write_json
 from nnunet_jax.attrdict import AttrDict
 
 PERCENTILES = (90, 95, 99)
@@ -303,20 +303,9 @@ def write_perf_json(results: Sequence[BenchResult], path: str | os.PathLike,
     """Write the results (per-step times included) as JSON, atomically."""
     import jax
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     doc = {"jax_version": jax.__version__, "backend": jax.default_backend(), **(extra or {}),
            "results": [r.to_dict() for r in results]}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(doc, f, indent=1)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_json(doc, path, indent=1)
 
 
 def read_perf_json(paths: Sequence[str | os.PathLike]) -> list[dict]:

@@ -17,12 +17,13 @@ import io as _io
 import json
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from nnunet_jax.atomic import atomic_path
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 # Stripped from .npy stems: <case>_y.npy (preprocessed labels), <case>_pred.npy (predicted label maps).
@@ -283,15 +284,8 @@ def format_table(report: Report) -> str:
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        f.write(text)
 
 
 def write_json(report: Report, path: str | os.PathLike) -> None:

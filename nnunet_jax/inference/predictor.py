@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nnunet_jax.atomic import save_npy
 from nnunet_jax.attrdict import AttrDict
 
 ApplyFn = Callable[[Any, jax.Array], jax.Array]
@@ -76,18 +76,6 @@ def _overlay(pred: Prediction, image: Path | None, out_dir: str | os.PathLike, p
     return [overlay_png(load_case(image).image, pred.labels, out, names)]
 
 
-def _atomic_save_npy(array: np.ndarray, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, array, allow_pickle=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_prediction(
     pred: Prediction, out_dir: str | os.PathLike, *, nifti: bool = True, npy_labels: bool = False
 ) -> list[Path]:
@@ -104,11 +92,11 @@ def save_prediction(
         written.append(save_label_nifti(pred.labels, pred.affine, pred.header, path))
     if pred.probabilities is not None:
         path = out_dir / f"{pred.case}.npy"
-        _atomic_save_npy(np.asarray(pred.probabilities, np.float32), path)
+        save_npy(np.asarray(pred.probabilities, np.float32), path)
         written.append(path)
     if npy_labels:
         path = out_dir / f"{pred.case}_pred.npy"
-        _atomic_save_npy(pred.labels, path)
+        save_npy(pred.labels, path)
         written.append(path)
     return written
 
