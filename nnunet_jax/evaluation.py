@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from nnunet_jax.atomic import atomic_path
+from nnunet_jax.io import NIFTI_SUFFIXES, case_name
 
-NIFTI_SUFFIXES = (".nii.gz", ".nii")
 # Stripped from .npy stems: <case>_y.npy (preprocessed labels), <case>_pred.npy (predicted label maps).
 NPY_TAGS = ("_pred", "_y", "_seg")
 REGIONS = ("WT", "TC", "ET")
@@ -35,9 +35,8 @@ BRATS_MAX_LABEL = 4
 def case_of(path: str | os.PathLike) -> str | None:
     """The case name a prediction/label file stands for, or None for a file that is neither NIfTI nor .npy."""
     name = Path(path).name
-    for suffix in NIFTI_SUFFIXES:
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
+    if name.endswith(NIFTI_SUFFIXES):
+        return case_name(name)
     if name.endswith(".npy"):
         stem = name[:-4]
         if stem.endswith(("_x", "_meta")):  # preprocessed images / metadata are no segmentations

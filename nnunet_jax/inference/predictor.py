@@ -27,12 +27,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from scipy.special import expit, softmax
 
 from nnunet_jax.atomic import save_npy
 from nnunet_jax.attrdict import AttrDict
+from nnunet_jax.io import NIFTI_SUFFIXES
 
 ApplyFn = Callable[[Any, jax.Array], jax.Array]
-NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
 
 # --------------------------------------------------------------------------------------------- outputs
@@ -133,12 +134,6 @@ def to_source_probabilities(pred: np.ndarray, meta: Any, kind: str, brats: bool 
         padded = np.concatenate([np.zeros_like(pred[:1]), pred])
         return restore_to_source(padded, meta, "probs")[1:]
     return restore_to_source(pred, meta, kind, softmax=kind == "logits")
-
-
-def _softmax(x: np.ndarray, axis: int = 0) -> np.ndarray:
-    x = x - x.max(axis=axis, keepdims=True)
-    e = np.exp(x)
-    return e / e.sum(axis=axis, keepdims=True)
 
 
 # ------------------------------------------------------------------------------------------ the model
@@ -385,7 +380,7 @@ class Predictor:
         total = None
         for v in self.variables:
             logits = self._window_logits(x, v)
-            p = 1.0 / (1.0 + np.exp(-logits)) if self.brats else _softmax(logits)
+            p = expit(logits) if self.brats else softmax(logits, axis=0)
             total = p if total is None else total + p
         return (total / len(self.variables)).astype(np.float32)
 
@@ -404,7 +399,7 @@ class Predictor:
         kind = "probs" if self.output_kind == "regions" else self.output_kind
         if meta is not None:
             return to_source_probabilities(out, meta, kind, self.brats)
-        return _softmax(out).astype(np.float32) if kind == "logits" else out
+        return softmax(out, axis=0).astype(np.float32) if kind == "logits" else out
 
     def preprocess(
         self, image: np.ndarray, spacing: Sequence[float], affine: np.ndarray | None = None, case: str = "?"
