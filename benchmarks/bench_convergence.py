@@ -36,7 +36,7 @@ def main(argv: list[str]) -> None:
     del argv
     from absl import logging
 
-    from configs.default import get_config
+    from nnunet_jax.configs.default import get_config
     from nnunet_jax.training import loop
 
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO

@@ -1,6 +1,6 @@
 """Training-loader throughput (images/s) on synthetic preprocessed 3D data, beside the train step's img/s.
 
-Runs the real training iterator (DALI pipeline with every SPEC section 6 augmentation at the reference
+Runs the real training iterator (DALI pipeline with every docs/reference.md §6 augmentation at the reference
 probabilities, then ``device_put`` onto a one-device mesh) over a temporary dataset and times it after a
 warm-up. ``--no-aug`` times the crop alone. The last column times the real jitted train step
 (nnunet_jax.benchmarking.run_jax) of the U-Net planned for the same patch with ``--step_filters`` widths (the
@@ -79,7 +79,7 @@ def bench(patch: int, channels: int, batch: int, steps: int, warmup: int, aug: b
 def step_throughput(patch: int, channels: int, batch: int, base_filters: int, steps: int = 3) -> float:
     """img/s of the real train step for the topology planned from the patch (1 mm spacing)."""
     from nnunet_jax.benchmarking import BenchSpec, run_jax
-    from nnunet_jax.topology import plan_topology
+    from nnunet_jax.planning.topology import plan_topology
 
     top = plan_topology((patch,) * 3, (1.0, 1.0, 1.0))
     filters = tuple(min(base_filters * 2**i, 320) for i in range(len(top.strides)))

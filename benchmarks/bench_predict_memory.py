@@ -58,7 +58,7 @@ def run(mode: str, shape=SHAPE, n_class: int = N_CLASS) -> dict:
         to_source_labels,
         to_source_probabilities,
     )
-    from nnunet_jax.preprocessing import CaseMeta, target_shape
+    from nnunet_jax.preprocessing.case import CaseMeta, target_shape
 
     resampled = target_shape(shape, SPACING, TARGET)
     meta = CaseMeta(crop_box=[[0, s] for s in shape], original_shape=shape, cropped_shape=shape,

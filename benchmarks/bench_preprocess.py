@@ -34,7 +34,7 @@ import numpy as np
 from skimage.transform import resize
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from nnunet_jax.preprocessing import preprocess_case  # noqa: E402
+from nnunet_jax.preprocessing.case import preprocess_case  # noqa: E402
 
 CASES = {
     "brats": dict(channels=4, shape=(155, 240, 240), small=(40, 60, 60), spacing=(1.0, 1.0, 1.0),

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The seed's benchmark tables in one call on a GPU machine (SPEC section 9):
+# The seed's benchmark tables in one call on a GPU machine (docs/reference.md §9):
 #   3D, task 01 patch 128³, 4 channels, batch 1/2/4: train and predict, AMP (bf16) and TF32 (fp32 default
 #   precision); 2D, task 01 patch 192×160, batch 64: train and predict, AMP and TF32.
 # Needs only jax (with CUDA), flax, optax, orbax-checkpoint, absl-py and numpy: synthetic device-resident

@@ -161,7 +161,7 @@ dataset_json = {
 }
 (DATASET / "dataset.json").write_text(json.dumps(dataset_json, indent=2))
 
-from preprocess.dataset import load_dataset  # noqa: E402
+from nnunet_jax.planning.dataset_json import load_dataset  # noqa: E402
 
 dataset = load_dataset(DATASET)  # checks keys, label/modality tables and that every listed file exists
 print(f"{dataset.name}: {dataset.in_channels} channel(s) {dataset.modalities}, {dataset.n_class} classes "
@@ -171,7 +171,7 @@ print(f"{dataset.name}: {dataset.in_channels} channel(s) {dataset.modalities}, {
 # ## 3. Planning
 #
 # What `python -m preprocess` decides for a dataset that is not in the MSD task table (the step functions of
-# `preprocess.planning`, then the whole plan):
+# `nnunet_jax.planning.planner`, then the whole plan):
 #
 # - **target spacing**: the per-axis median of the training spacings; when that is anisotropic (largest/
 #   smallest ≥ 3) the **coarsest** axis is set to the 10th percentile of its spacings, so thin-slice cases are
@@ -184,8 +184,8 @@ print(f"{dataset.name}: {dataset.in_channels} channel(s) {dataset.modalities}, {
 #   least 8 voxels long; 1×3×3 kernels on axes that are still too coarse.
 
 # %%
-from nnunet_jax.topology import plan_topology  # noqa: E402
-from preprocess import planning  # noqa: E402
+from nnunet_jax.planning import planner as planning  # noqa: E402
+from nnunet_jax.planning.topology import plan_topology  # noqa: E402
 
 # One pass over the training images: each case's nonzero box (what preprocessing crops to) and spacing.
 survey = planning.survey_cases(dataset.training, dataset.label_values, dataset.in_channels, progress=False)
@@ -228,7 +228,7 @@ for key, value in plan.items():
 # choose the patch yourself).
 
 # %%
-from preprocess import preprocess_dataset  # noqa: E402
+from nnunet_jax.preprocessing.driver import preprocess_dataset  # noqa: E402
 
 prep = preprocess_dataset(WORK, str(DATASET), dim=3, results=RESULTS, exec_mode="training", progress=False)
 written_plan = json.loads((prep / "plan.json").read_text())
@@ -243,7 +243,7 @@ print(f"organ_000 preprocessed: {x.shape} (C, Z, Y, X), mean {x.mean():.2f}, std
 # here); `filters` gives each level's width (the full-size network would use the plan's 32, 64, 128, 256).
 
 # %%
-from configs.default import get_config  # noqa: E402
+from nnunet_jax.configs.default import get_config  # noqa: E402
 from nnunet_jax.training.loop import train_and_evaluate  # noqa: E402
 
 config = get_config()
@@ -269,7 +269,7 @@ print(f"best validation mean Dice: {summary['TOP_mean']:.2f} (epoch {summary['be
 # test images.
 
 # %%
-from nnunet_jax import evaluation, visualize  # noqa: E402
+from nnunet_jax import plots, scoring  # noqa: E402
 from nnunet_jax.data.folds import split_cases  # noqa: E402
 from nnunet_jax.inference.predictor import Predictor, predict_inputs, save_prediction  # noqa: E402
 
@@ -277,9 +277,9 @@ predictor = Predictor.from_checkpoints(RUN)
 _, val_cases = split_cases(written_plan["cases"]["training"], FOLD)
 preds_val = RUN / "preds_val"
 predict_inputs(predictor, [DATASET / "imagesTr" / f"{c}.nii.gz" for c in val_cases], preds_val)
-report = evaluation.evaluate_folders(preds_val, DATASET / "labelsTr", n_class=dataset.n_class)
+report = scoring.evaluate_folders(preds_val, DATASET / "labelsTr", n_class=dataset.n_class)
 report.missing = [c for c in report.missing if c in val_cases]  # labelsTr also holds the training cases
-print(evaluation.format_table(report))
+print(scoring.format_table(report))
 print(f"fold {FOLD} validation mean dice: {report.summary()['dice']:.4f}")
 
 preds_test = RUN / "preds_test"
@@ -290,6 +290,6 @@ for path in sorted((DATASET / "imagesTs").glob("*.nii.gz")):
     zooms = [round(float(z), 3) for z in predicted.header.get_zooms()]
     print(f"{out.name}: shape {predicted.shape} (source {source.shape}), spacing {zooms}, "
           f"same affine as the source: {np.allclose(predicted.affine, source.affine)}")
-    visualize.overlay_files(path, out, RUN / "pictures" / f"{prediction.case}_overlay.png",
+    plots.overlay_files(path, out, RUN / "pictures" / f"{prediction.case}_overlay.png",
                             class_names={int(k): v for k, v in dataset.labels.items()})
 print("training curves:", RUN / "curves.png")

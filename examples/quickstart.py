@@ -80,13 +80,13 @@ import shutil  # noqa: E402
 import jax  # noqa: E402
 from absl import logging as absl_logging  # noqa: E402
 
-from configs.default import get_config  # noqa: E402
-from nnunet_jax import evaluation, visualize  # noqa: E402
+from nnunet_jax import plots, scoring  # noqa: E402
+from nnunet_jax.configs.default import get_config  # noqa: E402
 from nnunet_jax.data.folds import split_cases  # noqa: E402
+from nnunet_jax.datasets.synthetic import generate  # noqa: E402
 from nnunet_jax.inference.predictor import Predictor, predict_inputs, save_prediction  # noqa: E402
+from nnunet_jax.preprocessing.driver import preprocess_dataset  # noqa: E402
 from nnunet_jax.training.loop import train_and_evaluate  # noqa: E402
-from preprocess import preprocess_dataset  # noqa: E402
-from preprocess.synthetic import generate  # noqa: E402
 
 absl_logging.set_verbosity(absl_logging.ERROR)  # Orbax logs every save (INFO) and read-only restore (WARNING)
 print("JAX devices:", jax.devices())
@@ -180,11 +180,11 @@ for image in sorted((task_dir / "imagesTs").glob("*.nii.gz")):
 # counts 1), HD95 and NSD are in millimetres from the NIfTI spacing.
 
 # %%
-report = evaluation.evaluate_folders(preds_val, task_dir / "labelsTr", hd95=True, nsd=True)
+report = scoring.evaluate_folders(preds_val, task_dir / "labelsTr", hd95=True, nsd=True)
 # labelsTr holds every training case, we predicted only the fold's validation cases: only those can be missing
 report.missing = [case for case in report.missing if case in val_cases]
-print(evaluation.format_table(report))
-evaluation.write_json(report, preds_val / "evaluation.json")
+print(scoring.format_table(report))
+scoring.write_json(report, preds_val / "evaluation.json")
 mean_dice = report.summary()["dice"]  # 0-1 scale, mean over classes of the per-class means
 print(f"fold {FOLD} validation mean dice: {mean_dice:.4f}")
 
@@ -196,10 +196,10 @@ print(f"fold {FOLD} validation mean dice: {mean_dice:.4f}")
 
 # %%
 pictures = RUN / "pictures"
-curves = visualize.plot_training_curves(RUN / "logs.json", pictures / "curves.png")
+curves = plots.plot_training_curves(RUN / "logs.json", pictures / "curves.png")
 names = {int(k): v for k, v in plan["labels"].items()}
 overlays = [
-    visualize.overlay_files(task_dir / "imagesTr" / f"{case}.nii.gz", preds_val / f"{case}.nii.gz",
+    plots.overlay_files(task_dir / "imagesTr" / f"{case}.nii.gz", preds_val / f"{case}.nii.gz",
                             pictures / f"{case}_overlay.png", label=task_dir / "labelsTr" / f"{case}.nii.gz",
                             class_names=names)
     for case in val_cases

@@ -1,4 +1,5 @@
-"""benchmark.py's library (SPEC section 9): timed train / predict steps, the table, perf.json, MONAI baseline.
+"""benchmark.py's library (docs/reference.md §9): timed train / predict steps, the table, perf.json, MONAI
+baseline.
 
 Why it looks the way it does:
 - The timed train step is the real one (:func:`nnunet_jax.training.step.make_train_step`) on device-resident

@@ -1,8 +1,8 @@
 """NIfTI reading and writing in the reference layout, with the input checks users need.
 
 NIfTI stores volumes as (X, Y, Z[, C]); on disk and in preprocessing we keep (C, Z, Y, X) like the reference
-(SPEC section 5.1). Every problem with an input file is reported once, as a :class:`DatasetError` that names
-the case, the file and what is wrong, so a bad case in a 500-case dataset is found without a debugger.
+(docs/reference.md §5.1). Every problem with an input file is reported once, as a :class:`DatasetError` that
+names the case, the file and what is wrong, so a bad case in a 500-case dataset is found without a debugger.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""nnU-Net training losses (SPEC sections 2 and 3), channels-last and jit-able.
+"""nnU-Net training losses (docs/reference.md §2 and §3), channels-last and jit-able.
 
 Every loss takes logits ``(N, *spatial, K)`` in any float dtype and integer labels ``(N, *spatial)`` or
 ``(N, *spatial, 1)`` and returns an fp32 scalar: the arithmetic runs in float32 whatever the model computed

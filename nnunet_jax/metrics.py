@@ -1,4 +1,4 @@
-"""Validation and evaluation metrics (SPEC section 4).
+"""Validation and evaluation metrics (docs/reference.md §4).
 
 Dice runs on the device inside jit (from label maps or logits, one volume at a time); the tracker that
 averages it over volumes and epochs and the surface metrics (HD95, NSD) run on the host with NumPy/SciPy.
@@ -57,7 +57,8 @@ def dice_from_confusion(cm: jax.Array) -> jax.Array:
 
 
 def dice_per_class(pred_labels: jax.Array, labels: jax.Array, n_class: int) -> jax.Array:
-    """Dice of one volume for classes 1..n_class-1 (SPEC 4 empty-class rule); ``(n_class - 1,)`` fp32."""
+    """Dice of one volume for classes 1..n_class-1 (docs/reference.md §4 empty-class rule); fp32
+    ``(n_class - 1,)``."""
     return dice_from_confusion(confusion_matrix(pred_labels, labels, n_class))
 
 

@@ -1,51 +1,6 @@
-"""``python -m preprocess``: the seed's preprocess.py command line (flag names as users know them).
+"""``python -m preprocess`` in a checkout (installed: ``nnunet-preprocess``): nnunet_jax.cli.preprocess."""
 
-    python -m preprocess --task 01 --dim 3 --data /data --results /data --exec_mode training --n_jobs 8
-    python -m preprocess --task /path/to/MyDataset --dim 3 --data . --results out --patch_size 96,96,96
+from nnunet_jax.cli.preprocess import run
 
-See :mod:`preprocess` for what is written where.
-"""
-
-from __future__ import annotations
-
-import sys
-
-from absl import app, flags
-
-from preprocess import EXEC_MODES, preprocess_dataset
-from preprocess.dataset import DatasetError
-
-
-def define_flags() -> None:
-    """Defined only when run as a program, so importing the package never clashes with other absl flags."""
-    flags.DEFINE_string("task", None, "MSD task number (01..10, 00 = synthetic) or a dataset folder path.")
-    flags.DEFINE_enum("dim", "3", ["2", "3"], "2D or 3D data.")
-    flags.DEFINE_string("data", "/data", "Folder holding the TaskXX_Name folders.")
-    flags.DEFINE_string("results", "/data", "Folder that receives <task>_<dim>d/.")
-    flags.DEFINE_enum("exec_mode", "training", list(EXEC_MODES),
-                      "training: labelled cases padded to the patch; val: labelled, no padding (<dir>/val); "
-                      "test: unlabelled test images (<dir>/test).")
-    flags.DEFINE_integer("n_jobs", 1, "Cases processed in parallel (processes).", lower_bound=1)
-    flags.DEFINE_list("patch_size", None, "Patch size Z,Y,X (2D: Y,X); default: task table or planned.")
-    flags.mark_flag_as_required("task")
-
-
-def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    fl = flags.FLAGS
-    try:
-        patch = [int(p) for p in fl.patch_size] if fl.patch_size else None
-    except ValueError:
-        raise app.UsageError(f"--patch_size must be integers, got {fl.patch_size}") from None
-    try:
-        out = preprocess_dataset(fl.data, fl.task, int(fl.dim), fl.results, fl.exec_mode, fl.n_jobs, patch)
-    except DatasetError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    print(f"wrote {out}")
-
-
-if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+if __name__ == "__main__":  # workers are spawned and re-import this module
+    run()

@@ -21,14 +21,14 @@ README = ROOT / "README.md"
 
 # name in README -> (module to import, function that defines its flags or None when import defines them)
 SCRIPTS: dict[str, tuple[str, str | None]] = {
-    "preprocess": ("preprocess.__main__", "define_flags"),
-    "preprocess.synthetic": ("preprocess.synthetic", "define_flags"),
-    "preprocess.download": ("preprocess.download", "define_flags"),
-    "train.py": ("train", None),
-    "predict.py": ("predict", None),
-    "evaluate.py": ("evaluate", None),
-    "benchmark.py": ("benchmark", None),
-    "visualize.py": ("visualize", None),
+    "preprocess": ("nnunet_jax.cli.preprocess", "define_flags"),
+    "preprocess.synthetic": ("nnunet_jax.datasets.synthetic", "define_flags"),
+    "preprocess.download": ("nnunet_jax.datasets.download", "define_flags"),
+    "train.py": ("nnunet_jax.cli.train", "define_flags"),
+    "predict.py": ("nnunet_jax.cli.predict", "define_flags"),
+    "evaluate.py": ("nnunet_jax.cli.evaluate", "define_flags"),
+    "benchmark.py": ("nnunet_jax.cli.benchmark", "define_flags"),
+    "visualize.py": ("nnunet_jax.cli.visualize", "define_flags"),
 }
 
 _PROBE = """

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from preprocess.download import DownloadError, download_task, extract, fetch
+from nnunet_jax.datasets.download import DownloadError, download_task, extract, fetch
 
 
 class _Handler(BaseHTTPRequestHandler):

@@ -1,4 +1,5 @@
-"""evaluate.py: SPEC section 4 Dice, HD95 / NSD in mm with the label's spacing, file matching and outputs."""
+"""evaluate.py: docs/reference.md §4 Dice, HD95 / NSD in mm with the label's spacing, file matching and
+outputs."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from nnunet_jax import evaluation
+from nnunet_jax import scoring
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,7 +59,7 @@ def folders(tmp_path):
 
 
 def test_dice_by_hand(folders):
-    report = evaluation.evaluate_folders(*folders)
+    report = scoring.evaluate_folders(*folders)
     assert report.n_class == 4  # 1 + the largest value seen (3, predicted in case a)
     # case a: class 1 2TP / (2TP + FP + FN) = 8 / 12; class 2 absent from both → 1; class 3 only predicted → 0
     np.testing.assert_allclose(report.cases["a"]["dice"], [8 / 12, 1.0, 0.0], atol=1e-6)
@@ -83,10 +84,10 @@ def test_surface_metrics_use_the_label_spacing(tmp_path):
     p[0:4, 0, 3], lab[0:4, 2, 3] = 2, 2
     _nii(preds / "c.nii.gz", p, (0.5, 1.0, 2.0))
     _nii(lbls / "c.nii.gz", lab, (0.5, 1.0, 2.0))
-    r = evaluation.evaluate_folders(preds, lbls, hd95=True, nsd=True, nsd_tolerance=1.0)
+    r = scoring.evaluate_folders(preds, lbls, hd95=True, nsd=True, nsd_tolerance=1.0)
     np.testing.assert_allclose(r.cases["c"]["hd95"], [1.5, 2.0])
     np.testing.assert_allclose(r.cases["c"]["nsd"], [0.0, 0.0])
-    r = evaluation.evaluate_folders(preds, lbls, hd95=True, nsd=True, nsd_tolerance=1.75)
+    r = scoring.evaluate_folders(preds, lbls, hd95=True, nsd=True, nsd_tolerance=1.75)
     np.testing.assert_allclose(r.cases["c"]["nsd"], [1.0, 0.0])
     np.testing.assert_allclose(r.cases["c"]["dice"], [0.0, 0.0])
 
@@ -103,7 +104,7 @@ def test_hd95_percentile_by_hand():
     pred = lab.copy()
     pred[0, 0, 20] = 0
     pred[0, 0, 30] = 1
-    scores = evaluation.score_case(pred, lab, 2, (1.0, 1.0, 1.0), ("dice", "hd95", "nsd"), 0.5)
+    scores = scoring.score_case(pred, lab, 2, (1.0, 1.0, 1.0), ("dice", "hd95", "nsd"), 0.5)
     assert scores["hd95"] == [0.0]
     assert scores["nsd"] == pytest.approx([40 / 42])  # all but the moved voxel and label voxel 20
     assert scores["dice"] == pytest.approx([40 / 42])
@@ -122,7 +123,7 @@ def test_npy_predictions_and_preprocessed_labels(tmp_path):
     np.save(preds / "k.npy", probs)
     np.save(lbls / "k_y.npy", lab)
     np.save(lbls / "k_x.npy", np.zeros((1, 3, 4, 5), np.float32))  # images are no labels
-    r = evaluation.evaluate_folders(preds, lbls, n_class=2)
+    r = scoring.evaluate_folders(preds, lbls, n_class=2)
     assert list(r.cases) == ["k"] and not r.missing and not r.extra
     assert r.cases["k"]["dice"] == pytest.approx([8 / 10])
 
@@ -156,12 +157,12 @@ def test_outputs_json_csv_and_cli(folders, tmp_path):
 
 
 def test_case_names():
-    assert evaluation.case_of("x/BRATS_001.nii.gz") == "BRATS_001"
-    assert evaluation.case_of("BRATS_001_y.npy") == "BRATS_001"
-    assert evaluation.case_of("BRATS_001_pred.npy") == "BRATS_001"
-    assert evaluation.case_of("BRATS_001_x.npy") is None
-    assert evaluation.case_of("BRATS_001_meta.npy") is None
-    assert evaluation.case_of("evaluation.json") is None
+    assert scoring.case_of("x/BRATS_001.nii.gz") == "BRATS_001"
+    assert scoring.case_of("BRATS_001_y.npy") == "BRATS_001"
+    assert scoring.case_of("BRATS_001_pred.npy") == "BRATS_001"
+    assert scoring.case_of("BRATS_001_x.npy") is None
+    assert scoring.case_of("BRATS_001_meta.npy") is None
+    assert scoring.case_of("evaluation.json") is None
 
 
 # ------------------------------------------------------------------------------------ BraTS regions
@@ -200,7 +201,7 @@ def test_brats_region_dice_of_label_maps_by_hand(tmp_path):
         _nii(lbls / f"{name}.nii.gz", lab)
     _nii(preds / "c.nii.gz", np.full((2, 2, 2), 5))  # 5 is no BraTS label
     _nii(lbls / "c.nii.gz", np.zeros((2, 2, 2)))
-    r = evaluation.evaluate_folders(preds, lbls, brats=True, hd95=True)
+    r = scoring.evaluate_folders(preds, lbls, brats=True, hd95=True)
     assert r.columns == ["WT", "TC", "ET"]
     np.testing.assert_allclose(r.cases["a"]["dice"], [14 / 16, 1.0, 0.0], atol=1e-6)
     np.testing.assert_allclose(r.cases["b"]["dice"], [4 / 5, 0.0, 0.0], atol=1e-6)
@@ -210,7 +211,7 @@ def test_brats_region_dice_of_label_maps_by_hand(tmp_path):
     # both empty scores 1: a case without any tumour, predicted without any
     _nii(preds / "d.nii.gz", np.zeros((3, 3, 3)))
     _nii(lbls / "d.nii.gz", np.zeros((3, 3, 3)))
-    assert evaluation.evaluate_folders(preds, lbls, brats=True).cases["d"]["dice"] == [1.0, 1.0, 1.0]
+    assert scoring.evaluate_folders(preds, lbls, brats=True).cases["d"]["dice"] == [1.0, 1.0, 1.0]
 
     # the CLI: region columns in the table, the CSV and the JSON
     out_json, out_csv = tmp_path / "r.json", tmp_path / "r.csv"
@@ -238,5 +239,5 @@ def test_brats_region_sigmoids_npy(tmp_path):
     sig[1:, 0, 1, 0] = 0.8  # TC and ET: 1 of the 2 ET voxels
     np.save(preds / "k.npy", sig)
     np.save(lbls / "k_y.npy", lab)
-    r = evaluation.evaluate_folders(preds, lbls, brats=True)
+    r = scoring.evaluate_folders(preds, lbls, brats=True)
     np.testing.assert_allclose(r.cases["k"]["dice"], [8 / 9, 2 / 3, 2 / 3], atol=1e-6)

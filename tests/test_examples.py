@@ -2,7 +2,7 @@
 
 Each example runs in a subprocess on one CPU device (the 8 simulated devices of conftest would multiply the
 global batch by 8) with a tiny network, one epoch and five cases. Expected plan values are derived here from
-the NIfTI files with numpy and the SPEC rules, not read back from our planning code.
+the NIfTI files with numpy and the docs/reference.md rules, not read back from our planning code.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def assert_source_geometry(pred: Path, image: Path, n_class: int) -> np.ndarray:
 
 
 def seed_dice(pred: np.ndarray, label: np.ndarray, n_class: int) -> list[float]:
-    """SPEC section 4 per class: 1 when the class is absent from both, else 2TP / (|pred| + |label|)."""
+    """docs/reference.md §4 per class: 1 when the class is absent from both, else 2TP / (|pred| + |label|)."""
     out = []
     for c in range(1, n_class):
         p, g = pred == c, label == c
@@ -137,8 +137,8 @@ def test_custom_dataset(tmp_path):
     np.testing.assert_allclose(plan["spacing"], expected, rtol=1e-6)
     assert plan["anisotropic"] is True
 
-    # Topology of SPEC section 1 for patch 12×48×48 at 2.7×0.8×0.8 mm (worked by hand): Z is too coarse for
-    # a 3-kernel and a stride at first; strides stop when Z < 8 voxels and Y, X < 8.
+    # Topology of docs/reference.md §1 for patch 12×48×48 at 2.7×0.8×0.8 mm (worked by hand): Z is too coarse
+    # for a 3-kernel and a stride at first; strides stop when Z < 8 voxels and Y, X < 8.
     assert plan["topology"]["kernels"] == [[1, 3, 3], [3, 3, 3], [3, 3, 3], [3, 3, 3]]
     assert plan["topology"]["strides"] == [[1, 1, 1], [1, 2, 2], [2, 2, 2], [1, 2, 2]]
     # Patch: the median resampled shape rounded down to the total downsampling per axis (under 128³).

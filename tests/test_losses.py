@@ -1,4 +1,5 @@
-"""Loss properties (SPEC 2-3): formulas vs direct NumPy, fp32 under bf16, deep-supervision weighting."""
+"""Loss properties (docs/reference.md §2-3): formulas vs direct NumPy, fp32 under bf16, deep-supervision
+weighting."""
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +22,7 @@ def _softmax(x):
 
 
 def _numpy_dice_ce(logits, labels):
-    """SPEC 3 written out with NumPy in float64."""
+    """docs/reference.md §3 written out with NumPy in float64."""
     k = logits.shape[-1]
     p = _softmax(logits.astype(np.float64))
     y = np.eye(k)[labels]
@@ -49,7 +50,7 @@ def test_dice_ce_matches_formula(shape, absent):
 
 
 def test_absent_class_is_not_masked():
-    """An absent class with predicted mass adds ~1 / (n_fg) to the Dice term (SPEC: not masked)."""
+    """An absent class with predicted mass adds ~1 / (n_fg) to the Dice term (docs/reference.md §3)."""
     logits, labels = _data((2, 8, 8), 3, absent=2)
     d = float(dice_loss(logits, labels))
     p = _softmax(logits.astype(np.float64))

@@ -1,4 +1,5 @@
-"""Dice with the SPEC 4 empty-class rule vs direct counts, the tracker, HD95/NSD on hand-made masks."""
+"""Dice with the docs/reference.md §4 empty-class rule vs direct counts, the tracker, HD95/NSD on hand-made
+masks."""
 
 import math
 

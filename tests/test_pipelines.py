@@ -1,4 +1,4 @@
-"""Data layer: layout helpers, case index, DALI pipelines (SPEC section 6) and the sharded iterator.
+"""Data layer: layout helpers, case index, DALI pipelines (docs/reference.md §6) and the sharded iterator.
 
 Augmentations are checked one at a time (the others' probabilities set to 0) on synthetic volumes whose
 channels encode the label and the voxel coordinates, so each augmentation's effect can be read back:

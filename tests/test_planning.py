@@ -9,10 +9,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from nnunet_jax.datasets.synthetic import generate
 from nnunet_jax.io import DatasetError
-from nnunet_jax.topology import plan_topology
-from preprocess.dataset import find_task_dir, load_dataset
-from preprocess.planning import (
+from nnunet_jax.planning.dataset_json import find_task_dir, load_dataset
+from nnunet_jax.planning.planner import (
     check_patch_fits,
     ct_statistics,
     make_plan,
@@ -23,7 +23,7 @@ from preprocess.planning import (
     tidy_spacing,
     unguarded_main_script,
 )
-from preprocess.synthetic import generate
+from nnunet_jax.planning.topology import plan_topology
 
 
 def test_median_spacing_and_coarsest_axis_rule():
@@ -239,7 +239,7 @@ def test_unguarded_main_script_detection(tmp_path, monkeypatch):
     assert unguarded_main_script() is None  # interactive: no file
     script = tmp_path / "run.py"
     main.__file__ = str(script)
-    script.write_text("from preprocess import preprocess_dataset\n"
+    script.write_text("from nnunet_jax.preprocessing.driver import preprocess_dataset\n"
                       "preprocess_dataset('d', '00', 3, 'r', n_jobs=2)\n")
     assert unguarded_main_script() == script
     with pytest.raises(RuntimeError, match=r"run.py to run its work under `if __name__ == \"__main__\":`"):

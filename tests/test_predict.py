@@ -23,7 +23,7 @@ from nnunet_jax.inference.predictor import (
     to_source_probabilities,
 )
 from nnunet_jax.io import load_case
-from nnunet_jax.preprocessing import CaseMeta, preprocess_case
+from nnunet_jax.preprocessing.case import CaseMeta, preprocess_case
 
 ROOT = Path(__file__).resolve().parents[1]
 K = 3  # classes, background included
@@ -235,8 +235,8 @@ def test_predict_preprocessed_folder(tmp_path):
 
 def _write_run(results: Path, plan: dict) -> None:
     """A training results dir as train.py leaves it: config.json and an Orbax `best` checkpoint."""
-    from configs.default import get_config
     from nnunet_jax import parallel
+    from nnunet_jax.configs.default import get_config
     from nnunet_jax.training import checkpoint as ckpt_lib
     from nnunet_jax.training import optim
     from nnunet_jax.training import step as step_lib

@@ -13,11 +13,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-import preprocess
+from nnunet_jax.datasets.synthetic import generate
 from nnunet_jax.io import DatasetError
-from nnunet_jax.preprocessing import CaseMeta
-from preprocess import preprocess_dataset
-from preprocess.synthetic import generate
+from nnunet_jax.preprocessing import driver as preprocess
+from nnunet_jax.preprocessing.case import CaseMeta
+from nnunet_jax.preprocessing.driver import preprocess_dataset
 from tests.test_planning import ct_body_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -216,7 +216,7 @@ def test_unguarded_script_with_n_jobs_is_refused(source, tmp_path):
     script.write_text(
         "import sys\n"
         f"sys.path.insert(0, {str(ROOT)!r})\n"
-        "from preprocess import preprocess_dataset\n"
+        "from nnunet_jax.preprocessing.driver import preprocess_dataset\n"
         "print('started', flush=True)\n"
         f"preprocess_dataset({str(source)!r}, '00', 3, {str(tmp_path / 'r')!r}, n_jobs=2, progress=False)\n"
     )

@@ -1,12 +1,12 @@
-"""Per-case preprocessing steps against SPEC section 5 (hand-computable cases), and the inverse."""
+"""Per-case preprocessing steps against docs/reference.md §5 (hand-computable cases), and the inverse."""
 
 import tracemalloc
 
 import numpy as np
 import pytest
 
-from nnunet_jax import preprocessing as pp
-from nnunet_jax.preprocessing import CaseMeta
+from nnunet_jax.preprocessing import case as pp
+from nnunet_jax.preprocessing.case import CaseMeta
 
 
 def _vol(c=2, shape=(6, 7, 8), seed=0):
@@ -347,7 +347,7 @@ SLAB_CASES = [
 @pytest.mark.parametrize(("shape", "new"), SLAB_CASES)
 @pytest.mark.parametrize("order", [1, 3])
 def test_resize_slabs_equals_resize(shape, new, order, monkeypatch):
-    from nnunet_jax import resample
+    from nnunet_jax.preprocessing import resample
 
     x = (np.random.default_rng(3).standard_normal(shape) * 4).astype(np.float32)
     want = resample.resize(x, new, order, dtype=np.float32)
@@ -363,7 +363,7 @@ def test_resize_slabs_equals_resize(shape, new, order, monkeypatch):
 
 
 def test_resize_slabs_margin_is_what_makes_it_exact():
-    from nnunet_jax import resample
+    from nnunet_jax.preprocessing import resample
 
     x = (np.random.default_rng(4).standard_normal((90, 6, 7)) * 4).astype(np.float32)
     want = resample.resize(x, (150, 6, 7), 3, dtype=np.float32)
@@ -372,7 +372,7 @@ def test_resize_slabs_margin_is_what_makes_it_exact():
 
 
 def test_resize_slabs_rejects_bad_arguments():
-    from nnunet_jax.resample import resize_slabs
+    from nnunet_jax.preprocessing.resample import resize_slabs
 
     with pytest.raises(ValueError, match="order"):
         next(resize_slabs(np.zeros((4, 4, 4), np.float32), (5, 5, 5), 0))

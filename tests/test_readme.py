@@ -55,8 +55,8 @@ def test_flag_tables_match_the_code():
 
 
 def test_every_config_field_has_help():
-    from configs.default import get_config
-    from configs.help import FLAG_HELP
+    from nnunet_jax.configs.default import get_config
+    from nnunet_jax.configs.help import FLAG_HELP
 
     assert set(get_config()) == set(FLAG_HELP)
 

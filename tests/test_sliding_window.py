@@ -1,5 +1,5 @@
-"""Sliding window (SPEC 8): identity/linear maps reproduce the volume, a slow NumPy definition of the blend
-matches, window starts and weights by hand, one compile per bucket, TTA semantics."""
+"""Sliding window (docs/reference.md §8): identity/linear maps reproduce the volume, a slow NumPy definition
+of the blend matches, window starts and weights by hand, one compile per bucket, TTA semantics."""
 
 import jax.numpy as jnp
 import numpy as np
@@ -39,7 +39,7 @@ def _params(c_in=2, k=3, seed=0):
 
 
 def _reference(volume, params, roi, overlap, blend, sigma_scale=0.125):
-    """SPEC 8 written as plain loops in NumPy float64."""
+    """docs/reference.md §8 written as plain loops in NumPy float64."""
     shape = volume.shape[:-1]
     pads = [
         ((r - s) // 2, r - s - (r - s) // 2) if s < r else (0, 0) for s, r in zip(shape, roi, strict=True)

@@ -10,9 +10,9 @@ import time
 import numpy as np
 import pytest
 
+from nnunet_jax.datasets.synthetic import generate
 from nnunet_jax.io import load_case
-from preprocess.dataset import load_dataset
-from preprocess.synthetic import generate
+from nnunet_jax.planning.dataset_json import load_dataset
 
 
 @pytest.fixture(scope="module")

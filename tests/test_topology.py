@@ -1,9 +1,9 @@
-"""The topology rows of SPEC section 1."""
+"""The topology rows of docs/reference.md §1."""
 
 import pytest
 
-from configs.tasks import TASKS
-from nnunet_jax.topology import default_filters, plan_topology
+from nnunet_jax.configs.tasks import TASKS
+from nnunet_jax.planning.topology import default_filters, plan_topology
 
 
 def _plan(task: str, dim: int = 3):

@@ -24,7 +24,7 @@ STEPS_SCRIPT = textwrap.dedent("""
     import jax, numpy as np
     from nnunet_jax import parallel
     from nnunet_jax.losses import make_loss
-    from nnunet_jax.training import evaluation, loop, optim, step as step_lib
+    from nnunet_jax.training import validation, loop, optim, step as step_lib
     from tests.test_training_utils import FakeData, tiny_config
 
     def run(out):
@@ -42,7 +42,7 @@ STEPS_SCRIPT = textwrap.dedent("""
         state, m = train(state, next(data.train_batches(1, 0)))
         losses.append(float(m["loss"]))
         lmesh = parallel.local_mesh()
-        v = evaluation.validate(step_lib.eval_variables(state), evaluation.make_apply_fn(model, lmesh),
+        v = validation.validate(step_lib.eval_variables(state), validation.make_apply_fn(model, lmesh),
                                 data.val_cases, data.load_case, 2, (16, 16, 16), loss_fn=make_loss(),
                                 mesh=lmesh)
         if jax.process_index() == 0:
@@ -200,7 +200,7 @@ def test_clear_errors_before_compute(tmp_path):
 
 def test_train_py_flags_map_onto_the_config(tmp_path):
     overlay = tmp_path / "overlay.py"
-    overlay.write_text("from configs.default import get_config as base\n"
+    overlay.write_text("from nnunet_jax.configs.default import get_config as base\n"
                        "def get_config():\n    c = base()\n    c.fold = 3\n    c.momentum = 0.5\n"
                        "    return c\n")
     code = textwrap.dedent(f"""
@@ -208,7 +208,8 @@ def test_train_py_flags_map_onto_the_config(tmp_path):
         sys.argv = ["train.py", "--learning_rate", "0.02", "--steps", "10,20", "--amp",
                     "--scheduler", "plateau", "--config", {str(overlay)!r}, "--config.patience", "7",
                     "--momentum", "0.9"]
-        import train
+        from nnunet_jax.cli import train
+        train.define_flags()
         train.FLAGS(sys.argv)
         c = train.build_config()
         print(json.dumps({{k: c[k] for k in ("learning_rate", "steps", "amp", "scheduler", "fold", "patience",

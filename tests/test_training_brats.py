@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from nnunet_jax import parallel
-from nnunet_jax.training import evaluation, loop
+from nnunet_jax.training import loop, validation
 from tests.test_training_utils import ROOT, tiny_config
 
 SHAPE = (20, 20, 20)
@@ -80,7 +80,7 @@ def test_validation_region_dice_by_hand():
     cases = {"a": tumour(rng)[1], "b": tumour(rng, with_et=False)[1]}  # "b" has no ET
     load = lambda name: (cases[name][..., None].astype(np.float32), cases[name].astype(np.int32))  # noqa: E731
     mesh = parallel.local_mesh(1)
-    run = lambda et: evaluation.validate(  # noqa: E731
+    run = lambda et: validation.validate(  # noqa: E731
         {"et": np.float32(et)}, _region_logits_from_label, ["a", "b"], load, 4, (16, 16, 16),
         loss_fn=make_loss(brats=True), mesh=mesh, brats=True)
     perfect = run(0.0)

@@ -1,4 +1,4 @@
-"""Optimizer / scheduler semantics (SPEC section 7) checked against hand-derived values."""
+"""Optimizer / scheduler semantics (docs/reference.md §7) checked against hand-derived values."""
 
 import math
 
@@ -8,8 +8,8 @@ import numpy as np
 import optax
 import pytest
 
-from configs.default import get_config
 from nnunet_jax import parallel
+from nnunet_jax.configs.default import get_config
 from nnunet_jax.training import optim
 from nnunet_jax.training import step as step_lib
 

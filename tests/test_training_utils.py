@@ -75,7 +75,7 @@ class FakeData:
 
 def tiny_config(results: str | Path, **overrides):
     """The default config shrunk to a seconds-long CPU run."""
-    from configs.default import get_config
+    from nnunet_jax.configs.default import get_config
 
     c = get_config()
     c.task, c.results, c.data = "00", str(results), "/nonexistent"

@@ -5,10 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nnunet_jax.convert import params_to_torch_state_dict, torch_state_dict_to_variables
+from nnunet_jax.interop.monai import params_to_torch_state_dict, torch_state_dict_to_variables
 from nnunet_jax.models import UNet, count_params
 from nnunet_jax.models.unet import UpConv, _conv, conv_init, same_padding, upconv_init
-from nnunet_jax.topology import plan_topology
+from nnunet_jax.planning.topology import plan_topology
 
 K3, S1, S2 = (3, 3, 3), (1, 1, 1), (2, 2, 2)
 ANISO_K = ((1, 3, 3), (1, 3, 3), (3, 3, 3))
@@ -121,7 +121,7 @@ def test_upconv_places_kernel_offset_like_pytorch():
         for q in range(3):
             want[:, r::2, q::3] = np.einsum("nhwi,io->nhwo", x, w[r, q]) + params["bias"]
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-    # SPEC section 2: lax.conv_transpose needs the kernel flipped to place it the same way.
+    # docs/reference.md §2: lax.conv_transpose needs the kernel flipped to place it the same way.
     flipped = jax.lax.conv_transpose(jnp.asarray(x), jnp.asarray(w[::-1, ::-1]), (2, 3), "VALID",
                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
     np.testing.assert_allclose(flipped + params["bias"], want, rtol=1e-5, atol=1e-5)

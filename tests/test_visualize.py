@@ -6,7 +6,7 @@ import matplotlib.image as mpimg
 import numpy as np
 import pytest
 
-from nnunet_jax.visualize import class_color, overlay_png, pick_slices, plot_training_curves, read_logs
+from nnunet_jax.plots import class_color, overlay_png, pick_slices, plot_training_curves, read_logs
 
 
 def _logs(path, n=5):
@@ -29,7 +29,7 @@ def test_curves_png(tmp_path):
 
 
 def test_region_names_are_used():
-    from nnunet_jax.visualize import _per_class_dice
+    from nnunet_jax.plots import _per_class_dice
 
     rec = {"epoch": 1, "dice": [1.0, 2.0, 3.0], "dice_WT": 1.0, "dice_TC": 2.0, "dice_ET": 3.0}
     assert _per_class_dice(rec) == {"WT": 1.0, "TC": 2.0, "ET": 3.0}

@@ -1,4 +1,4 @@
-"""DALI pipelines: training (SPEC section 6), evaluation (whole volumes) and benchmark (centre crops).
+"""DALI pipelines: training (docs/reference.md §6), evaluation (whole volumes) and benchmark (centre crops).
 
 All pipelines read the on-disk ``(C, Z, Y, X)`` arrays with ``fn.readers.numpy`` from an explicit file list
 (the caller decides the order, which is what makes epochs reproducible and resumable, see ``loader.py``)
@@ -10,11 +10,11 @@ crop and every augmentation runs there; with ``device_id=None`` everything runs 
 graph is built either way.
 
 2D (``data2d_dim`` 3 in the reference, the only layout we support): the 2D preprocessed cases are 3D volumes
-whose Y, X are already the 2D patch (SPEC section 5). A DALI sample is a block of ``block`` contiguous slices
-cropped from one volume, laid out ``FHWC`` (F = frames) so that zoom, flips and blur act in-plane on each
-slice with the parameters drawn once per block, as in the reference; the loader reshapes ``nvol`` blocks into
-``nvol * block`` 2D samples. Neighbour slices are *not* stacked as channels (the model's input channels are
-the modalities).
+whose Y, X are already the 2D patch (docs/reference.md §5). A DALI sample is a block of ``block`` contiguous
+slices cropped from one volume, laid out ``FHWC`` (F = frames) so that zoom, flips and blur act in-plane on
+each slice with the parameters drawn once per block, as in the reference; the loader reshapes ``nvol`` blocks
+into ``nvol * block`` 2D samples. Neighbour slices are *not* stacked as channels (the model's input channels
+are the modalities).
 
 Each augmentation is a per-sample coin (DALI conditionals, so the ~85 % of samples that skip an expensive
 step such as blur or zoom do not pay for it). Probabilities and ranges live in :class:`AugmentConfig`;
@@ -34,7 +34,7 @@ from nnunet_jax.data.layout import channels_last_perm
 
 @dataclass(frozen=True)
 class AugmentConfig:
-    """Probabilities and ranges of SPEC section 6 (reference defaults)."""
+    """Probabilities and ranges of docs/reference.md §6 (reference defaults)."""
 
     oversampling: float = 0.33  # probability that a crop is forced to contain a foreground voxel
     zoom_prob: float = 0.15
@@ -150,7 +150,8 @@ def _coin(p: float) -> Any:
 
 
 def _augment(img: Any, lbl: Any, patch: Sequence[int], cfg: AugmentConfig, frames: bool) -> tuple[Any, Any]:
-    """SPEC section 6 steps 2-7 on channels-last samples (``DHWC`` 3D, or ``FHWC`` 2D blocks: in-plane)."""
+    """docs/reference.md §6 steps 2-7 on channels-last samples (``DHWC`` 3D, or ``FHWC`` 2D blocks:
+    in-plane)."""
     import nvidia.dali.math as dmath
     from nvidia.dali import fn, types
 

@@ -1,4 +1,5 @@
-"""Inference: the jitted sliding window with Gaussian/constant blending and flip TTA (SPEC section 8)."""
+"""Inference: the jitted sliding window with Gaussian/constant blending and flip TTA (docs/reference.md
+§8)."""
 
 from nnunet_jax.inference.sliding_window import (
     blend_weights,

@@ -4,12 +4,12 @@
     pred = predictor.predict("imagesTs/case_001.nii.gz")       # Prediction(labels (Z, Y, X), affine, header)
     save_prediction(pred, "preds")                              # preds/case_001.nii.gz
 
-Pipeline (SPEC section 8): preprocess with the training run's plan (test mode) → sliding window (optionally
-flip TTA) per model → ensemble = mean of the softmax (one model: its logits) → back to the source geometry
-with :mod:`nnunet_jax.preprocessing` (per channel: undo padding, cubic resize, paste at the crop box), where
-the label map is an argmax streamed channel by channel, so a 512×512×400 CT never holds all its class maps
-at full resolution at once. BraTS region models (3 sigmoid outputs WT, TC, ET) become labels by thresholding
-at 0.5: WT → 2 (edema), TC → 1 (necrosis), ET → 3 (enhancing; 4 when the plan's labels use 4).
+Pipeline (docs/reference.md §8): preprocess with the training run's plan (test mode) → sliding window
+(optionally flip TTA) per model → ensemble = mean of the softmax (one model: its logits) → back to the source
+geometry with :mod:`nnunet_jax.preprocessing` (per channel: undo padding, cubic resize, paste at the crop
+box), where the label map is an argmax streamed channel by channel, so a 512×512×400 CT never holds all its
+class maps at full resolution at once. BraTS region models (3 sigmoid outputs WT, TC, ET) become labels by
+thresholding at 0.5: WT → 2 (edema), TC → 1 (necrosis), ET → 3 (enhancing; 4 when the plan's labels use 4).
 
 The sliding window, TTA, checkpoint reader, model builder, PyTorch converter and preprocessing are the ones
 of the other modules; this file only composes them.
@@ -70,7 +70,7 @@ def _overlay(pred: Prediction, image: Path | None, out_dir: str | os.PathLike, p
         log(f"{pred.case}: no source image known, no overlay drawn")
         return []
     from nnunet_jax.io import load_case
-    from nnunet_jax.visualize import overlay_png
+    from nnunet_jax.plots import overlay_png
 
     names = {int(k): str(v) for k, v in (plan.get("labels") or {}).items()}
     out = Path(out_dir) / f"{pred.case}_overlay.png"
@@ -114,7 +114,7 @@ def to_source_labels(
     Streams per channel (:func:`nnunet_jax.preprocessing.restore_label_map`); a region c is restored as the
     two-class map [1 - p_c, p_c] so its outside-the-crop fill is "absent".
     """
-    from nnunet_jax.preprocessing import restore_label_map
+    from nnunet_jax.preprocessing.case import restore_label_map
 
     if not brats:
         return restore_label_map(pred, meta, kind)
@@ -128,7 +128,7 @@ def to_source_labels(
 def to_source_probabilities(pred: np.ndarray, meta: Any, kind: str, brats: bool = False) -> np.ndarray:
     """(K, Z, Y, X) float32 probabilities at the source geometry (softmax after resizing for logits, as the
     reference; region probabilities are 0 outside the crop box)."""
-    from nnunet_jax.preprocessing import restore_to_source
+    from nnunet_jax.preprocessing.case import restore_to_source
 
     if brats:
         padded = np.concatenate([np.zeros_like(pred[:1]), pred])
@@ -140,7 +140,7 @@ def to_source_probabilities(pred: np.ndarray, meta: Any, kind: str, brats: bool 
 
 
 def _default_config() -> dict[str, Any]:
-    from configs.default import get_config
+    from nnunet_jax.configs.default import get_config
 
     return get_config().to_dict()
 
@@ -259,7 +259,7 @@ class Predictor:
     ) -> Predictor:
         """Our UNet and its variables; windows are split over the local devices."""
         from nnunet_jax import parallel
-        from nnunet_jax.training.evaluation import make_apply_fn, window_batch
+        from nnunet_jax.training.validation import make_apply_fn, window_batch
 
         mesh = parallel.local_mesh()
         return cls(
@@ -322,9 +322,9 @@ class Predictor:
         model_options: Mapping[str, Any] | None = None,
         **options: Any,
     ) -> Predictor:
-        """A PyTorch nnU-Net / MONAI DynUNet state dict (``.pt``/``.ckpt``) through :mod:`nnunet_jax.convert`.
+        """A PyTorch nnU-Net / MONAI DynUNet state dict (``.pt``/``.ckpt``), via ``nnunet_jax.interop.monai``.
         ``model_options`` are UNet options (filters, norm, residual, deep_supervision, ...)."""
-        from nnunet_jax.convert import load_torch_checkpoint
+        from nnunet_jax.interop.monai import load_torch_checkpoint
         from nnunet_jax.models.unet import UNet
 
         the_plan = load_plan(plan)
@@ -405,7 +405,7 @@ class Predictor:
         self, image: np.ndarray, spacing: Sequence[float], affine: np.ndarray | None = None, case: str = "?"
     ) -> tuple[np.ndarray, Any]:
         """Test-mode preprocessing with the plan (crop, resample, normalise) → (x, meta)."""
-        from nnunet_jax.preprocessing import preprocess_case
+        from nnunet_jax.preprocessing.case import preprocess_case
 
         x, _, meta = preprocess_case(
             image,
@@ -484,7 +484,7 @@ def source_images(plan: Mapping[str, Any], raw: str | os.PathLike | None = None)
     if not root or not (Path(root) / "dataset.json").is_file():
         return {}
     try:
-        from preprocess.dataset import load_dataset
+        from nnunet_jax.planning.dataset_json import load_dataset
 
         ds = load_dataset(root, check_files=False)
     except Exception:  # a moved or edited dataset: predictions still get the affine from the meta
@@ -543,7 +543,7 @@ def predict_inputs(
     get ``<case>_pred.npy`` label maps; ``cases`` restricts the preprocessed cases (e.g. one fold's validation
     cases of a ``val`` folder); ``overlays`` adds ``<case>_overlay.png`` pictures. Returns the files
     written."""
-    from nnunet_jax.preprocessing import CaseMeta
+    from nnunet_jax.preprocessing.case import CaseMeta
 
     npy, nifti = find_inputs(data)
     if cases is not None:

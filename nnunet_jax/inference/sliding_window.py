@@ -1,4 +1,4 @@
-"""Jitted sliding-window inference (SPEC section 8): exactly the windows, padding and weights of MONAI's
+"""Jitted sliding-window inference (docs/reference.md §8): exactly the windows, padding and weights of MONAI's
 ``sliding_window_inference`` (the oracle), for 2D and 3D channels-last volumes of any shape.
 
 Definition (per axis): a volume smaller than the window is zero-padded, half before (floor) and half after;

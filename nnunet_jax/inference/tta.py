@@ -1,4 +1,4 @@
-"""Test-time augmentation by flips (SPEC section 8): the mean of the logits over the identity and every
+"""Test-time augmentation by flips (docs/reference.md §8): the mean of the logits over the identity and every
 combination of flips of the spatial axes (7 flips in 3D, 3 in 2D).
 
 The seed flips the whole volume, runs the sliding window, and flips the logits back; with a sliding window the

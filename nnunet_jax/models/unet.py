@@ -1,4 +1,4 @@
-"""The nnU-Net U-Net (SPEC section 2) as a Flax linen module, channels-last, 2D or 3D.
+"""The nnU-Net U-Net (docs/reference.md §2) as a Flax linen module, channels-last, 2D or 3D.
 
 Why linen and not NNX: the trainer keeps params, optimizer state and batch-norm statistics as plain pytrees
 (optax updates them, orbax saves them, ``jax.jit`` shards them with NamedShardings) and calls
@@ -9,8 +9,8 @@ Layer by layer it matches MONAI's ``DynUNet`` (the oracle of tests/parity), whic
 nnU-Net trains: convs without bias and symmetric padding ``(k - s + 1) // 2``; strided-conv downsampling;
 kernel = stride transposed convs with bias; ``concat([upsampled, skip])``; decoder block with the kernel of
 the level below; 1x1 heads with bias. Parameter names follow the blocks (``input_block``, ``encoder_<l>``,
-``bottleneck``, ``decoder_<l>``, ``head``, ``ds_head_<i>``) so that :mod:`nnunet_jax.convert` can map them to
-DynUNet's state-dict keys by structure.
+``bottleneck``, ``decoder_<l>``, ``head``, ``ds_head_<i>``) so that ``nnunet_jax.interop.monai`` can map
+them to DynUNet's state-dict keys by structure.
 
 Options beyond MONAI, from the March 2021 seed (DeepLearningExamples ``models/layers.py``):
 
@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from nnunet_jax.topology import Topology, default_filters
+from nnunet_jax.planning.topology import Topology, default_filters
 
 Dtype = Any
 
@@ -111,8 +111,8 @@ class UpConv(nn.Module):
     """Transposed conv with kernel = stride (non-overlapping) and bias, as one matmul plus an interleave.
 
     ``kernel[r]`` (shape ``(*stride, in, out)``) lands at output offset ``r`` inside each block, which is
-    PyTorch's placement; ``lax.conv_transpose`` would need the kernel flipped (SPEC section 2). A matmul also
-    avoids XLA:CPU's slow input-dilated convolution.
+    PyTorch's placement; ``lax.conv_transpose`` would need the kernel flipped (docs/reference.md §2). A
+    matmul also avoids XLA:CPU's slow input-dilated convolution.
     """
 
     features: int

@@ -27,7 +27,7 @@ import numpy as np
 from nnunet_jax import parallel
 from nnunet_jax.atomic import atomic_path
 from nnunet_jax.training import checkpoint as ckpt_lib
-from nnunet_jax.training import evaluation, optim
+from nnunet_jax.training import optim, validation
 from nnunet_jax.training import state as state_lib
 from nnunet_jax.training import step as step_lib
 
@@ -246,7 +246,7 @@ def _write_atomic(path: Path, text: str) -> None:
 def _plot_curves(logs: Path, workdir: Path, plan: dict[str, Any]) -> None:
     """``curves.png`` beside ``logs.json``; a picture that cannot be drawn never fails a finished run."""
     try:
-        from nnunet_jax.visualize import plot_training_curves
+        from nnunet_jax.plots import plot_training_curves
 
         names = {str(k): str(v) for k, v in (plan.get("labels") or {}).items()}
         plot_training_curves(logs, workdir / "curves.png", names)
@@ -324,13 +324,13 @@ def train_and_evaluate(config: Any, workdir: str | Path | None = None, *, data: 
     tx = optim.make_optimizer(config, data.steps_per_epoch)
     target = step_lib.abstract_state(model, tx, input_shape, mesh, fp16)
     val_mesh = parallel.local_mesh(int(config.gpus) if jax.process_count() == 1 else 0)
-    apply_fn = evaluation.make_apply_fn(model, val_mesh)  # one object per run: one sliding-window compile
+    apply_fn = validation.make_apply_fn(model, val_mesh)  # one object per run: one sliding-window compile
     brats = use_brats(config)
     val_loss_fn = make_loss(focal=bool(config.focal), brats=brats)
     names = score_names(config, plan)
 
     def run_validation(state: state_lib.TrainState) -> dict[str, Any]:
-        result = evaluation.validate(
+        result = validation.validate(
             step_lib.eval_variables(state), apply_fn, data.val_cases, data.load_case, int(plan["n_class"]),
             plan["patch_size"], loss_fn=val_loss_fn, mesh=val_mesh, overlap=float(config.overlap),
             blend=str(config.blend), batch_size=int(config.val_batch_size),

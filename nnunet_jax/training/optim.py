@@ -1,4 +1,4 @@
-"""Optimizer factory and the per-epoch learning-rate schedulers of the seed (SPEC section 7).
+"""Optimizer factory and the per-epoch learning-rate schedulers of the seed (docs/reference.md §7).
 
 The learning rate is an ``optax.inject_hyperparams`` hyperparameter, so it lives in the optimizer state (and
 therefore in every checkpoint) and the per-epoch schedulers only rewrite one scalar between epochs, without

@@ -13,7 +13,7 @@ import pytest
 torch = pytest.importorskip("torch")
 monai_metrics = pytest.importorskip("monai.metrics")
 
-from nnunet_jax import evaluation  # noqa: E402
+from nnunet_jax import scoring  # noqa: E402
 
 PIXDIM = (0.8, 1.3, 2.5)  # X, Y, Z in mm
 K = 3
@@ -46,7 +46,7 @@ def test_hd95_nsd_match_monai(tmp_path, seed):
     nib.save(nib.Nifti1Image(pred, affine), tmp_path / "p" / "c.nii.gz")
     nib.save(nib.Nifti1Image(lab, affine), tmp_path / "l" / "c.nii.gz")
     tol = 2.0
-    report = evaluation.evaluate_folders(tmp_path / "p", tmp_path / "l", n_class=K, hd95=True, nsd=True,
+    report = scoring.evaluate_folders(tmp_path / "p", tmp_path / "l", n_class=K, hd95=True, nsd=True,
                                          nsd_tolerance=tol)
     ours = report.cases["c"]
 

@@ -1,7 +1,8 @@
 """Two plain-Adam steps on our U-Net (optax) equal two torch Adam steps on MONAI's DynUNet.
 
-Same weights (ported with nnunet_jax.convert), same data. Loss in both frameworks: mean cross-entropy of the
-logits over batch and voxels, computed here so the test does not depend on nnunet_jax.losses. After each step:
+Same weights (ported with nnunet_jax.interop.monai), same data. Loss in both frameworks: mean cross-entropy of
+the logits over batch and voxels, computed here so the test does not depend on nnunet_jax.losses. After each
+step:
 - the loss: relative difference <= 1e-5;
 - every gradient tensor: max |g_ours - g_torch| <= 1e-4 * max |g_torch| (per-tensor relative error);
 - every parameter: Adam's first steps are ~ lr * sign(g), so a gradient entry below float32 rounding noise
@@ -19,7 +20,7 @@ import pytest
 torch = pytest.importorskip("torch")
 monai_nets = pytest.importorskip("monai.networks.nets")
 
-from nnunet_jax.convert import params_to_torch_state_dict, torch_state_dict_to_variables  # noqa: E402
+from nnunet_jax.interop.monai import params_to_torch_state_dict, torch_state_dict_to_variables  # noqa: E402
 from nnunet_jax.models import UNet  # noqa: E402
 
 pytestmark = pytest.mark.parity

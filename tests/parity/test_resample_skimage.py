@@ -1,5 +1,5 @@
-"""Resampling and per-case steps vs the reference's own calls: skimage ``resize`` (SPEC 5.3) and MONAI's
-bounding box / NormalizeIntensity (SPEC 5.2, 5.4).
+"""Resampling and per-case steps vs the reference's own calls: skimage ``resize`` (docs/reference.md §5.3)
+and MONAI's bounding box / NormalizeIntensity (docs/reference.md §5.2, 5.4).
 
 Tolerances: images 1e-7 of the volume's max |value| in the default float64 working precision (~5e-8
 measured), 2e-6 in float32 mode (~2.5e-7 measured), and the same set of exactly-zero voxels; labels
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from skimage.transform import resize as sk_resize
 
-from nnunet_jax import preprocessing as pp
+from nnunet_jax.preprocessing import case as pp
 
 IMG_RTOL = 1e-7
 IMG_RTOL_F32 = 2e-6
@@ -21,7 +21,8 @@ def _sk(x, shape, order, mode="edge"):
     return sk_resize(x, shape, order=order, mode=mode, cval=0, clip=True, anti_aliasing=False)
 
 
-# The reference's resampling functions (SPEC 5.3), composed from skimage calls as the reference does.
+# The reference's resampling functions (docs/reference.md §5.3), composed from skimage calls as the reference
+# does.
 def ref_regular_image(image, shape):
     return np.stack([_sk(c, shape, 3) for c in image]).astype(np.float32)
 

@@ -1,6 +1,6 @@
 """Our U-Net vs MONAI's DynUNet (the network NVIDIA's newer nnU-Net trains) with the same weights, float32.
 
-Weights go MONAI → ours through nnunet_jax.convert (and ours → MONAI in one test). Error measure:
+Weights go MONAI → ours through nnunet_jax.interop.monai (and ours → MONAI in one test). Error measure:
 max |ours - monai| / max |monai| over the logits, required <= 1e-4.
 """
 
@@ -12,9 +12,9 @@ import pytest
 torch = pytest.importorskip("torch")
 monai_nets = pytest.importorskip("monai.networks.nets")
 
-from nnunet_jax.convert import params_to_torch_state_dict, torch_state_dict_to_variables  # noqa: E402
+from nnunet_jax.interop.monai import params_to_torch_state_dict, torch_state_dict_to_variables  # noqa: E402
 from nnunet_jax.models import UNet, count_params  # noqa: E402
-from nnunet_jax.topology import plan_topology  # noqa: E402
+from nnunet_jax.planning.topology import plan_topology  # noqa: E402
 
 pytestmark = pytest.mark.parity
 TOL = 1e-4

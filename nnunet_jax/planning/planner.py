@@ -1,7 +1,7 @@
 """The per-dataset plan (plan.json, docs/CONTRACTS.md): patch size, target spacing, normalisation, topology.
 
 MSD tasks take patch size, spacing and CT statistics from the task table (configs/tasks.py), as the reference
-does. A custom dataset is planned from its training data (SPEC section 5):
+does. A custom dataset is planned from its training data (docs/reference.md §5):
 
 - target spacing: per-axis median of the training spacings; when the result has max/min ≥ 3, the coarsest
   axis is set to the 10th percentile of that axis's spacings (what the original nnU-Net and the seed's
@@ -37,11 +37,11 @@ import nibabel as nib
 import numpy as np
 from tqdm import tqdm
 
-from configs.tasks import TaskInfo
+from nnunet_jax.configs.tasks import TaskInfo
 from nnunet_jax.io import DatasetError, load_case, nifti_spacing
-from nnunet_jax.preprocessing import needs_resampling, nonzero_box, target_shape
-from nnunet_jax.topology import get_kernels_strides, plan_topology
-from preprocess.dataset import CaseFiles, Dataset
+from nnunet_jax.planning.dataset_json import CaseFiles, Dataset
+from nnunet_jax.planning.topology import get_kernels_strides, plan_topology
+from nnunet_jax.preprocessing.case import needs_resampling, nonzero_box, target_shape
 
 ANISOTROPY_RATIO = 3.0
 VOXEL_BUDGET = {3: 128**3, 2: 512**2}
@@ -303,7 +303,7 @@ def _planned_shapes(names: Sequence[str], shapes: Sequence[Sequence[int]], spaci
     """Per case, the shape preprocessing produces before padding: 3D resampled, 2D the (Y, X) slice."""
     out = {}
     for name, shape, sp in zip(names, shapes, spacings, strict=True):
-        if dim == 2:  # slices are not resampled (SPEC 5.5)
+        if dim == 2:  # slices are not resampled (docs/reference.md §5.5)
             out[name] = [int(v) for v in shape[1:]]
             continue
         new = resampled_shape(shape, sp, target)

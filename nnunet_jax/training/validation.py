@@ -2,10 +2,11 @@
 
 Each process takes every ``process_count``-th case and runs its windows sharded over its own devices (a local
 mesh: the processes see different numbers of windows, so they must not share a global computation); the
-per-case rows (per-class Dice, loss) are then gathered from all processes. Dice follows SPEC section 4 via
-:func:`nnunet_jax.metrics.dice_from_logits` (BraTS region mode: :func:`nnunet_jax.metrics.region_dice`, the
-WT, TC, ET Dice of the sigmoids > 0.5 with the same empty rule); reported numbers are means over cases ×100.
-A 2D net validates a 3D volume slice by slice (each slice a 2D sliding window), scored on the whole volume.
+per-case rows (per-class Dice, loss) are then gathered from all processes. Dice follows docs/reference.md §4
+via :func:`nnunet_jax.metrics.dice_from_logits` (BraTS region mode: :func:`nnunet_jax.metrics.region_dice`,
+the WT, TC, ET Dice of the sigmoids > 0.5 with the same empty rule); reported numbers are means over cases
+×100. A 2D net validates a 3D volume slice by slice (each slice a 2D sliding window), scored on the whole
+volume.
 """
 
 from __future__ import annotations

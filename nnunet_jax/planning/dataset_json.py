@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from configs.tasks import TaskInfo, get_task
+from nnunet_jax.configs.tasks import TaskInfo, get_task
 from nnunet_jax.io import NIFTI_SUFFIXES, DatasetError, case_name
 
 

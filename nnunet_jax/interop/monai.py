@@ -17,7 +17,7 @@ Key scheme (DynUNet):           ours
 
 Layouts: Conv (O, I, *k) → (*k, I, O). ConvTranspose (I, O, *k) → (*k, I, O) **without** a flip: our
 :class:`~nnunet_jax.models.unet.UpConv` places ``kernel[r]`` at output offset ``r`` as PyTorch does (a
-``lax.conv_transpose`` port would need the spatial flip, SPEC section 2).
+``lax.conv_transpose`` port would need the spatial flip, docs/reference.md §2).
 
 DynUNet's ``skip_layers.*`` keys alias the same tensors (its recursive forward) and are skipped on load and
 written on export. MONAI's default ``trans_bias=False`` leaves transposed convs without bias: when all of them

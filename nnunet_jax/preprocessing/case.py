@@ -1,4 +1,5 @@
-"""Per-case preprocessing (SPEC section 5, steps 2-6) and its inverse for predictions (SPEC section 8).
+"""Per-case preprocessing (docs/reference.md §5, steps 2-6) and its inverse for predictions
+(docs/reference.md §8).
 
 Arrays come in as loaded by :mod:`nnunet_jax.io`: image float32 (C, Z, Y, X), label uint8 (1, Z, Y, X),
 spacing (Z, Y, X) in mm. Steps, in the reference's order: crop to the non-zero box → resample to the target
@@ -23,7 +24,7 @@ from dataclasses import dataclass, fields
 import numpy as np
 
 from nnunet_jax.atomic import save_npy
-from nnunet_jax.resample import resample_image, resample_label, resize_slabs, slab_window_rows
+from nnunet_jax.preprocessing.resample import resample_image, resample_label, resize_slabs, slab_window_rows
 
 __all__ = [
     "CaseMeta", "crop_to_nonzero", "is_anisotropic", "target_shape", "needs_resampling", "resample_image",
@@ -266,7 +267,7 @@ def preprocess_case(
     case: str = "?",
     workers: int | None = 1,
 ) -> tuple[np.ndarray, np.ndarray | None, CaseMeta]:
-    """Steps 2-5 of SPEC section 5 for one case → (x float32 (C, Z, Y, X), y uint8 (1, Z, Y, X) or None,
+    """Steps 2-5 of docs/reference.md §5 for one case → (x float32 (C, Z, Y, X), y uint8 (1, Z, Y, X) or None,
     meta). Keyword arguments are the plan.json fields (``spacing`` → target_spacing, ``patch_size``, ``dim``,
     ``normalization``, ``ct_stats``); ``mode`` is "training" (pad / 2D crop) or "test". ``workers``: threads
     over channels for resampling and normalisation (None = all cores); 1 by default because dataset

@@ -1,9 +1,9 @@
 """evaluate.py's library part: pair predictions with labels by case name, score them, write the tables.
 
-Scores come from :mod:`nnunet_jax.metrics` (the one Dice of SPEC section 4, HD95 and NSD in mm); this module
-only finds the files, loads them in the reference layout (Z, Y, X) with the label's spacing, and aggregates.
-A missing, extra, unreadable or mismatched file is reported by name and skipped, never a crash: a user with
-500 cases wants the table for the 499 good ones and a list of what is wrong with the last one.
+Scores come from :mod:`nnunet_jax.metrics` (the one Dice of docs/reference.md §4, HD95 and NSD in mm); this
+module only finds the files, loads them in the reference layout (Z, Y, X) with the label's spacing, and
+aggregates. A missing, extra, unreadable or mismatched file is reported by name and skipped, never a crash: a
+user with 500 cases wants the table for the 499 good ones and a list of what is wrong with the last one.
 
 BraTS region mode (``brats``): prediction and label maps are both turned into the regions WT = label > 0,
 TC = label in {1, 3}, ET = label == 3 (label 4 counts as 3, so raw BraTS labels and predict.py's region

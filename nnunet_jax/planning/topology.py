@@ -1,4 +1,4 @@
-"""U-Net topology (kernels, strides, filters) from a patch size and a spacing, as SPEC section 1.
+"""U-Net topology (kernels, strides, filters) from a patch size and a spacing, as docs/reference.md §1.
 
 Kept apart from the model so that planning (preprocessing), the model and the checkpoint converter agree on
 one definition and the plan file can carry it.

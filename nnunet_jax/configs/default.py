@@ -1,4 +1,5 @@
-"""The one training/evaluation config: every seed flag (SPEC section 10) with the seed's default, plus ours.
+"""The one training/evaluation config: every seed flag (docs/reference.md §10) with the seed's default, plus
+ours.
 
 ``train.py`` maps its absl flags (same names) onto this; experiment overlays are Python files passed with
 ``--config`` whose fields can be overridden on the command line (``--config.learning_rate=3e-4``).

@@ -1,0 +1,116 @@
+"""Predict segmentations: NIfTI label maps in the source image's geometry (and optionally probabilities).
+
+    python predict.py --data /data/01_3d/test --ckpt_path /results/fold0 --results /results/preds --tta
+    python predict.py --data imagesTs/ --ckpt_path /results/fold0,/results/fold1 --results preds   # ensemble
+    python predict.py --data case.nii.gz --torch_ckpt dynunet.pt --plan /data/01_3d/plan.json --results preds
+
+``--data``: preprocessed folders (``<case>_x.npy`` + ``_meta.npy``, as ``python -m preprocess --exec_mode
+test|val`` writes them), NIfTI files, or folders of NIfTI files (preprocessed here with the run's plan).
+Several ``--ckpt_path`` = fold ensemble (mean of the softmax). ``--save_preds`` also writes float
+probabilities ``<case>.npy`` (C, Z, Y, X) in the source geometry, as the reference.
+"""
+
+from nnunet_jax.platform import configure_xla_flags
+
+configure_xla_flags()  # before JAX starts (oneDNN convolutions on CPU)
+
+import sys  # noqa: E402
+
+from absl import app, flags  # noqa: E402
+
+from nnunet_jax.cli import run_app  # noqa: E402
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """The script's flags (defined when it runs, so importing the module defines none)."""
+    flags.DEFINE_list("data", None, "Preprocessed folder(s), NIfTI file(s) or folder(s) of NIfTI files.",
+                      required=True)
+    flags.DEFINE_string("results", "predictions", "Output folder.")
+    flags.DEFINE_list("ckpt_path", None, "Checkpoint(s): results dir, checkpoints/{best,last} or a step dir; "
+                      "several = fold ensemble.")
+    flags.DEFINE_string("torch_ckpt", None, "PyTorch nnU-Net / MONAI DynUNet state dict (.pt/.ckpt) instead.")
+    flags.DEFINE_string("plan", None, "plan.json (default: the preprocessed folder's, else the run's).")
+    flags.DEFINE_string("raw", None, "Folder of the source images (headers for preprocessed inputs; default: "
+                        "the dataset named in plan.json).")
+    flags.DEFINE_boolean("tta", False, "Flip test-time augmentation (mean of the logits over all flips).")
+    flags.DEFINE_boolean("amp", False, "Mixed-precision inference.")
+    flags.DEFINE_enum("amp_dtype", "bf16", ["bf16", "fp16"], "Compute dtype under --amp.")
+    flags.DEFINE_float("overlap", 0.5, "Sliding-window overlap.")
+    flags.DEFINE_enum("blend", "gaussian", ["gaussian", "constant"], "Sliding-window blending.")
+    flags.DEFINE_integer("val_batch_size", 4, "Windows per forward pass.")
+    flags.DEFINE_boolean("save_preds", False, "Also save float probabilities <case>.npy (C, Z, Y, X).")
+    flags.DEFINE_boolean("save_nifti", True, "Save NIfTI label maps in the source geometry.")
+    flags.DEFINE_integer("fold", None, "Predict only this fold's validation cases of the preprocessed folder "
+                         "(the reference's 5-fold split of the plan's training cases).")
+    flags.DEFINE_boolean("overlays", False, "Also draw <case>_overlay.png: the mask over slices of "
+                         "its image.")
+    flags.DEFINE_boolean("brats", False, "The model has BraTS region outputs (WT, TC, ET sigmoids); Orbax "
+                         "checkpoints of --brats runs say so themselves.")
+    # Model options for --torch_ckpt (Orbax checkpoints carry their own).
+    flags.DEFINE_list("filters", None, "Per-level filters of the PyTorch model (default: the plan's).")
+    flags.DEFINE_enum("norm", "instance", ["instance", "batch", "group"],
+                      "Normalisation of the PyTorch model.")
+    flags.DEFINE_boolean("residual", False, "The PyTorch model uses residual blocks.")
+    flags.DEFINE_boolean("deep_supervision", False, "The PyTorch model has deep-supervision heads.")
+    flags.DEFINE_integer("deep_supr_num", 2, "Deep-supervision heads of the PyTorch model.")
+    flags.DEFINE_boolean("attention", False, "The PyTorch model has attention-gated skips.")
+
+
+def _plan_path() -> str | None:
+    from pathlib import Path
+
+    if FLAGS.plan:
+        return FLAGS.plan
+    for d in FLAGS.data:
+        if (Path(d) / "plan.json").is_file():
+            return str(Path(d) / "plan.json")
+    return None
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from nnunet_jax.inference.predictor import Predictor, predict_inputs
+
+    if bool(FLAGS.ckpt_path) == bool(FLAGS.torch_ckpt):
+        raise app.UsageError("give either --ckpt_path (one or more) or --torch_ckpt")
+    options = dict(tta=FLAGS.tta, overlap=FLAGS.overlap, blend=FLAGS.blend, batch_size=FLAGS.val_batch_size)
+    # Orbax runs record whether they are region models: --brats only has to agree when it is given.
+    brats = FLAGS.brats if FLAGS.torch_ckpt or FLAGS["brats"].present else None
+    plan = _plan_path()
+    try:
+        if FLAGS.torch_ckpt:
+            if plan is None:
+                raise FileNotFoundError("--torch_ckpt needs --plan (or a preprocessed --data folder)")
+            model_options = dict(norm=FLAGS.norm, residual=FLAGS.residual, attention=FLAGS.attention,
+                                 deep_supervision=FLAGS.deep_supervision, deep_supr_num=FLAGS.deep_supr_num,
+                                 filters=tuple(int(f) for f in FLAGS.filters) if FLAGS.filters else None)
+            predictor = Predictor.from_torch(FLAGS.torch_ckpt, plan, amp=FLAGS.amp, amp_dtype=FLAGS.amp_dtype,
+                                             model_options=model_options, brats=brats, **options)
+        else:
+            predictor = Predictor.from_checkpoints(FLAGS.ckpt_path, plan, amp=FLAGS.amp,
+                                                   amp_dtype=FLAGS.amp_dtype, brats=brats, **options)
+        cases = None
+        if FLAGS.fold is not None:
+            from nnunet_jax.data.folds import split_cases
+
+            cases = split_cases(predictor.plan["cases"]["training"], FLAGS.fold)[1]
+        written = predict_inputs(predictor, FLAGS.data, FLAGS.results, save_nifti=FLAGS.save_nifti,
+                                 save_preds=FLAGS.save_preds, raw=FLAGS.raw, cases=cases,
+                                 overlays=FLAGS.overlays)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"predict: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {len(written)} file(s) to {FLAGS.results}")
+    return 0
+
+
+def run() -> None:
+    """Console entry point."""
+    run_app(main, define_flags, __name__)
+
+
+if __name__ == "__main__":
+    run()

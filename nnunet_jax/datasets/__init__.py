@@ -1,0 +1,1 @@
+"""Raw datasets from elsewhere: the embedded synthetic task and the MSD download."""
