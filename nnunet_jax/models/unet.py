@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from nnunet_jax.models.conv import conv_general_dilated_fn
 from nnunet_jax.planning.topology import Topology, default_filters
 
 Dtype = Any
@@ -92,7 +93,8 @@ def _norm(kind: str, x: jax.Array, name: str, train: bool, dtype: Dtype, param_d
 def _conv(features: int, kernel: Sequence[int], stride: Sequence[int], name: str, dtype: Dtype,
           param_dtype: Dtype) -> nn.Conv:
     return nn.Conv(features, tuple(kernel), strides=tuple(stride), padding=same_padding(kernel, stride),
-                   use_bias=False, dtype=dtype, param_dtype=param_dtype, kernel_init=conv_init, name=name)
+                   use_bias=False, dtype=dtype, param_dtype=param_dtype, kernel_init=conv_init,
+                   conv_general_dilated=conv_general_dilated_fn(), name=name)
 
 
 def drop_block(x: jax.Array, rng: jax.Array, drop_prob: float, block_size: int) -> jax.Array:
@@ -298,7 +300,7 @@ class UNet(nn.Module):
         def head(name: str, feats: jax.Array) -> jax.Array:
             conv = nn.Conv(self.n_class, (1,) * (feats.ndim - 2), use_bias=True,
                            padding="VALID", dtype=jnp.float32, param_dtype=self.param_dtype,
-                           kernel_init=conv_init, name=name)
+                           kernel_init=conv_init, conv_general_dilated=conv_general_dilated_fn(), name=name)
             return conv(feats.astype(jnp.float32))
 
         logits = head("head", h)
