@@ -72,3 +72,18 @@ def test_resample_streams_along_the_separate_axis():
     assert got.dtype == np.float32 and got.shape == (2, *new)
     np.testing.assert_allclose(got, want.astype(np.float32), rtol=0, atol=1e-5)
     assert pp.resample(x, x.shape[1:], (1, 1, 1), (1, 1, 1), AUTO) is x  # unchanged shape: the data itself
+
+
+@pytest.mark.parametrize(("shape", "new"), [((6, 11, 9), (14, 8, 12)), ((13, 10, 9), (13, 21, 4)),
+                                            ((5, 7, 7), (9, 7, 7))])
+def test_joint_linear_is_bit_equal_to_skimage(shape, new):
+    """Order 1 evaluated as scipy does: bit-equal, also after rounding to fp16 (v2's resampled logits)."""
+    x = (np.random.default_rng(2).standard_normal(shape) * 8).astype(np.float16)
+    want = sk_resize(x.astype(np.float64), new, order=1, mode="edge", anti_aliasing=False)
+    for slab in (1, 3, 100):
+        got = np.concatenate([b for _, b in resize_slabs(x, new, 1, slab=slab, dtype=np.float64, joint=True)])
+        np.testing.assert_array_equal(got, want)
+        np.testing.assert_array_equal(got.astype(np.float16), want.astype(np.float16))
+    sep = np.concatenate([b for _, b in resize_slabs(x, new, 1, slab=4, dtype=np.float64, order0=0,
+                                                      joint=True)])
+    np.testing.assert_array_equal(sep, _v2_separate_z(x, new, 1, 0))

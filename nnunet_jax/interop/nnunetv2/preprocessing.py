@@ -82,7 +82,8 @@ def resample_slabs(data: np.ndarray, new_shape, current_spacing, new_spacing, rs
 
     Each channel is resampled in float64, as v2 does: with ``rs.order`` on all axes and clipped to the
     channel's range, or, with a separate axis, in-plane per slice (clipped per slice) and then along that
-    axis with ``rs.order_z``. An unchanged shape yields the data itself."""
+    axis with ``rs.order_z``. Linear interpolation is evaluated in scipy's own order (``joint``), so fp16
+    logits round to the same fp16 values as v2's. An unchanged shape yields the data itself."""
     new_shape = tuple(int(s) for s in new_shape)
     if data.ndim != 4 or len(new_shape) != 3:
         raise ValueError(f"expected data (C, a0, a1, a2) and a 3-D shape, got {data.shape} -> {new_shape}")
@@ -98,7 +99,8 @@ def resample_slabs(data: np.ndarray, new_shape, current_spacing, new_spacing, rs
     moved = np.moveaxis(data, stream_axis + 1, 1)
     shape_m = (new_shape[stream_axis], *[n for a, n in enumerate(new_shape) if a != stream_axis])
     streams = [resize_slabs(moved[c], shape_m, rs.order, slab=slab, dtype=np.float64,
-                            order0=None if axis is None else rs.order_z) for c in range(data.shape[0])]
+                            order0=None if axis is None else rs.order_z, joint=rs.order == 1)
+               for c in range(data.shape[0])]
     pre = (slice(None),) * stream_axis
     for parts in zip(*streams, strict=True):
         block = np.stack([p[1] for p in parts])
