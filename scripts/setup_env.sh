@@ -2,7 +2,7 @@
 # Creates the project's virtual environments from nothing (idempotent: re-runs only when pyproject changes).
 #   .venv         Python >= 3.12 when the machine has one (jax >= 0.11, oneDNN CPU convolutions), else 3.11,
 #                 with the project (editable) and its dev tools.
-#   .venv-oracle  (with --oracle) Python 3.11 with PyTorch CPU + MONAI + scikit: the reference
+#   .venv-oracle  (with --oracle) Python 3.11 with PyTorch CPU + MONAI + nnunetv2 + scikit: the reference
 #                 implementations tests/parity compares against. PyTorch's CPU build is taken from
 #                 torch==2.13.0 where the machine carries it.
 # Override the interpreters with NNUNET_PYTHON / NNUNET_ORACLE_PYTHON.
@@ -57,9 +57,13 @@ if [[ $want_oracle == 1 ]]; then
   oracle_py=$(pick_python 11 "${NNUNET_ORACLE_PYTHON:-}" python3.11 "$pyenv_root"/versions/3.11*/bin/python3.11 \
     "$main_py") || { echo "setup: no Python for the oracle venv" >&2; exit 1; }
   # torch 2.13.0: on these machines pip finds its CPU build on disk (no CUDA libraries to download).
+  # nnunetv2 2.8.1 is the oracle for the nnU-Net v2 interop; torch is pinned in the same command so its
+  # requirements cannot move it. torchvision (pulled in through timm, used only by the Primus/EVA networks)
+  # exists on the registry only as a CUDA build that fails to import next to CPU torch, so it is removed.
   install_oracle() {
     bash scripts/install.sh --python "$VENV_PY" --cuda none --dev --editable --no-dali &&
-      "$VENV_PY" -m pip install "torch==2.13.0" "monai==1.6.1"
+      "$VENV_PY" -m pip install "torch==2.13.0" "monai==1.6.1" "nnunetv2==2.8.1" &&
+      "$VENV_PY" -m pip uninstall -y torchvision
   }
   make_venv .venv-oracle "$oracle_py" install_oracle
 fi

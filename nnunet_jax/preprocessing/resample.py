@@ -142,7 +142,8 @@ def _pass_order(shape, new_shape, axes) -> list[int]:
 
 
 def resize_slabs(arr: np.ndarray, new_shape, order: int = 3, slab: int = 32, dtype=np.float32,
-                 clip: bool = True, margin: int = _MARGIN) -> Iterator[tuple[slice, np.ndarray]]:
+                 clip: bool = True, margin: int = _MARGIN, order0: int | None = None,
+                 joint: bool = False) -> Iterator[tuple[slice, np.ndarray]]:
     """:func:`resize` of all axes, streamed: yields (output axis-0 slice, block) for consecutive slabs of
     ``slab`` output rows, so no full-size intermediate is ever held (memory ≈ a few slabs).
 
@@ -151,27 +152,50 @@ def resize_slabs(arr: np.ndarray, new_shape, order: int = 3, slab: int = 32, dty
     rows: its spline prefilter is fed ``margin`` extra rows beyond the slab's taps, which makes the
     coefficients equal to the whole-line ones (see ``_MARGIN``; in practice bit-identical). Later passes
     run on the slab. Clipping uses the range of the whole input, as :func:`resize`.
+
+    ``order0`` (0 or 1): axis 0 is a separate low-resolution axis, nnU-Net v2's rule for anisotropic data
+    (docs/nnunetv2.md §3): every axis-0 row is first resized in-plane with ``order`` (and clipped to that
+    row's own range, as a per-slice resize would be), then axis 0 with ``order0`` (mode nearest, unclipped).
+
+    ``joint`` (order 1 only): evaluate the interpolation the way scipy's zoom does, jointly over the
+    resampled axes, corner by corner (sum in C order of value · w_axis0 · w_axis1 · ...), instead of one
+    axis after the other. Same value up to float64 rounding, but bit-equal to skimage/scipy, which matters
+    where the result is then rounded to float16 (nnU-Net v2's export of fp16 logits: about one voxel in
+    a thousand would otherwise land one fp16 step away).
     """
     new_shape = tuple(int(s) for s in new_shape)
     if arr.ndim < 2 or len(new_shape) != arr.ndim or min(new_shape) < 1 or min(arr.shape) < 1:
         raise ValueError(f"new shape {new_shape} does not fit an array of shape {arr.shape} (2-D or more)")
-    if order not in (1, 3) or slab < 1 or margin < 0:
-        raise ValueError(f"resize_slabs needs order 1 or 3, slab >= 1, margin >= 0 (got {order}, {slab}, "
-                         f"{margin})")
+    if order not in (1, 3) or slab < 1 or margin < 0 or order0 not in (None, 0, 1):
+        raise ValueError(f"resize_slabs needs order 1 or 3, slab >= 1, margin >= 0, order0 None, 0 or 1 "
+                         f"(got {order}, {slab}, {margin}, {order0})")
+    if joint:
+        if order != 1:
+            raise ValueError(f"resize_slabs(joint=True) needs order 1, got {order}")
+        yield from _joint_slabs(arr, new_shape, slab, dtype, clip, order0)
+        return
     passes = _pass_order(arr.shape, new_shape, range(arr.ndim))
     pre, post = passes[:passes.index(0)], passes[passes.index(0) + 1:]
+    separate = order0 is not None
+    if separate:
+        pre, post = [a for a in passes if a != 0], []
     lo = hi = None
-    if clip:
+    if clip and not separate:
         lo, hi = arr.min(keepdims=True), arr.max(keepdims=True)
 
-    def inplane(block: np.ndarray, axes) -> np.ndarray:
+    def inplane(block: np.ndarray, axes, clip_rows: bool = separate and clip) -> np.ndarray:
+        src = block
         for a in axes:
             block = resize_axis(block, a, new_shape[a], order, dtype)
+        if clip_rows and axes:
+            rest = tuple(range(1, src.ndim))
+            block = block.astype(dtype, copy=np.may_share_memory(block, arr))
+            np.clip(block, src.min(axis=rest, keepdims=True), src.max(axis=rest, keepdims=True), out=block)
         return block
 
     def finish(block: np.ndarray) -> np.ndarray:
         block = block.astype(dtype, copy=np.may_share_memory(block, arr))
-        if clip:
+        if lo is not None:
             np.clip(block, lo, hi, out=block)
         return block
 
@@ -181,9 +205,12 @@ def resize_slabs(arr: np.ndarray, new_shape, order: int = 3, slab: int = 32, dty
             sl = slice(k0, min(k0 + slab, n_out))
             yield sl, finish(inplane(arr[sl], pre + post))
         return
-    idx, w = axis_taps(n_in, n_out, order)
-    npad, n_rows = (_NPAD, n_in + 2 * _NPAD) if order == 3 else (0, n_in)
-    if order == 1:
+    order_0 = order0 if separate else order
+    idx, w = axis_taps(n_in, n_out, order_0)
+    if order_0 == 0:  # mode nearest (the coordinates never leave the line; clamp to be safe)
+        idx = np.clip(idx, 0, n_in - 1)
+    npad, n_rows = (_NPAD, n_in + 2 * _NPAD) if order_0 == 3 else (0, n_in)
+    if order_0 != 3:
         margin = 0
     chunks: list[tuple[int, np.ndarray]] = []  # (first input row, those rows pre-passed): rolling window
     done = 0  # input rows pre-passed so far
@@ -202,8 +229,75 @@ def resize_slabs(arr: np.ndarray, new_shape, order: int = 3, slab: int = 32, dty
         else:
             src = [(0, arr)]
         # no name holds the block while suspended: once the caller drops it, it is freed
-        yield sl, finish(inplane(_axis0_block(src, rows, taps - w0, w[:, sl], order, dtype), post))
+        yield sl, finish(inplane(_axis0_block(src, rows, taps - w0, w[:, sl], order_0, dtype), post,
+                                 clip_rows=False))
         del src
+
+
+def _joint_linear(src: np.ndarray, taps: list, dtype) -> np.ndarray:
+    """Order-1 interpolation of ``src`` with per-axis taps (``None``: axis kept), as scipy evaluates it:
+    each corner's value times its weights in axis order, the corners added one by one in C order."""
+    acc = None
+    for part in _corners(src, taps, dtype, 0):
+        if acc is None:
+            acc = part
+        else:
+            acc += part
+    return src.astype(dtype) if acc is None or acc is src else acc  # kept axes only: a copy
+
+
+def _corners(src: np.ndarray, taps: list, dtype, axis: int) -> Iterator[np.ndarray]:
+    """The corner terms of :func:`_joint_linear` (value · w_axis0 · w_axis1 ...), in C order."""
+    while axis < src.ndim and taps[axis] is None:
+        axis += 1
+    if axis == src.ndim:
+        yield src
+        return
+    idx, w = taps[axis]
+    bshape = [1] * src.ndim
+    bshape[axis] = idx.shape[1]
+    for t in range(2):
+        part = np.take(src, idx[t], axis=axis).astype(dtype, copy=False)
+        part *= w[t].astype(dtype).reshape(bshape)
+        yield from _corners(part, taps, dtype, axis + 1)
+        part = None
+
+
+def _joint_slabs(arr: np.ndarray, new_shape, slab: int, dtype, clip: bool,
+                 order0: int | None) -> Iterator[tuple[slice, np.ndarray]]:
+    """:func:`resize_slabs` with ``joint=True`` (order 1): see there."""
+    taps = [None if n == m else axis_taps(n, m, 1) for n, m in zip(arr.shape, new_shape, strict=True)]
+    n_in, n_out = arr.shape[0], new_shape[0]
+    lo = hi = None
+    if clip and order0 is None:
+        lo, hi = arr.min(keepdims=True), arr.max(keepdims=True)
+    if order0 is not None:  # in-plane per row (clipped per row), then axis 0 with order0
+        t0 = None if n_in == n_out else axis_taps(n_in, n_out, order0)
+        if t0 is not None and order0 == 0:
+            t0 = (np.clip(t0[0], 0, n_in - 1), t0[1])
+    else:
+        t0 = taps[0]
+    for k0 in range(0, n_out, slab):
+        sl = slice(k0, min(k0 + slab, n_out))
+        if t0 is None:
+            rows, local = arr[sl], None
+        else:
+            idx = t0[0][:, sl]
+            r0 = int(idx.min())
+            rows, local = arr[r0:int(idx.max()) + 1], (idx - r0, t0[1][:, sl])
+        if order0 is None:
+            block = _joint_linear(rows, [local, *taps[1:]], dtype)
+        else:
+            block = _joint_linear(rows, [None, *taps[1:]], dtype)
+            if clip and any(t is not None for t in taps[1:]):
+                rest = tuple(range(1, rows.ndim))
+                np.clip(block, rows.min(axis=rest, keepdims=True), rows.max(axis=rest, keepdims=True),
+                        out=block)
+            if local is not None:
+                block = _gather(block, 0, local[0], local[1], dtype)
+        if lo is not None:
+            np.clip(block, lo, hi, out=block)
+        yield sl, block
 
 
 def _axis0_block(src: list[tuple[int, np.ndarray]], rows: np.ndarray, taps: np.ndarray, w: np.ndarray,
