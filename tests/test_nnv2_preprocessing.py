@@ -9,7 +9,7 @@ from skimage.transform import resize as sk_resize
 
 from nnunet_jax.interop.nnunetv2 import preprocessing as pp
 from nnunet_jax.interop.nnunetv2.plans import V2Resampling
-from nnunet_jax.resample import resize_slabs
+from nnunet_jax.preprocessing.resample import resize_slabs
 
 AUTO = V2Resampling(order=3, order_z=0, force_separate_z=None)
 

@@ -2,8 +2,9 @@
 
 Order (v2's ``DefaultPreprocessor.run_case_npy``): ``transpose_forward`` → crop to the non-zero box →
 new shape from the spacings (computed before normalising) → normalise each channel with its scheme →
-resample to the configuration's spacing. The resampling is the project's own (:mod:`nnunet_jax.resample`,
-equal to skimage/scipy), driven by v2's rule for a separate low-resolution axis (:func:`separate_axis`).
+resample to the configuration's spacing. The resampling is the project's own
+(``nnunet_jax.preprocessing.resample``, equal to skimage/scipy), driven by v2's rule for a separate
+low-resolution axis (:func:`separate_axis`).
 
 Interface: ``preprocess_case(images, spacing, plans, config_name, geometry=None) -> (data, CaseProps)``;
 ``resample_slabs`` / ``resample`` are v2's ``resample_data_or_seg_to_shape`` for data (also used by the
@@ -20,7 +21,7 @@ from scipy.ndimage import binary_fill_holes
 
 from nnunet_jax.interop.nnunetv2.imageio import Geometry
 from nnunet_jax.interop.nnunetv2.plans import V2Configuration, V2Plans, V2Resampling
-from nnunet_jax.resample import resize_slabs
+from nnunet_jax.preprocessing.resample import resize_slabs
 
 RESAMPLE_SLAB_ROWS = 16  # output rows per streamed slab: a few MB per channel for a large CT
 
