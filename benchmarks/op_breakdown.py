@@ -100,7 +100,11 @@ def _conv_times(c: ConvShape, batch: int, dtype, rng: np.random.Generator) -> di
             lambda w_, g_: conv_lib.strided_input_gradient(g_, w_, x.shape, c.stride, pads), w, g)
     else:
         out["conv dgrad"] = dgrad
-    out["conv wgrad (xla)"] = _time(lambda x_, g_: jax.vjp(lambda w_: plain(x_, w_), w)[1](g_)[0], x, g)
+    wgrad = _time(lambda x_, g_: jax.vjp(lambda w_: plain(x_, w_), w)[1](g_)[0], x, g)
+    if any(s > 1 for s in c.stride):  # models/conv.py keeps XLA's weight gradient for strided convs
+        out["conv wgrad"] = wgrad
+        return out
+    out["conv wgrad (xla)"] = wgrad
     out["conv wgrad (ours)"] = _time(
         lambda x_, g_: conv_lib.weight_gradient(x_, g_, c.kernel, c.stride, pads), x, g)
     return out
