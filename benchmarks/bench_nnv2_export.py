@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -37,6 +36,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from rss import peak_rss_mb, rss_mb  # benchmarks/rss.py (this folder is on sys.path when run)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,15 +44,6 @@ SHAPE = (300, 512, 512)  # reader order (z, y, x)
 SPACING = (1.5, 0.8, 0.8)
 TARGET = (1.5, 1.5, 1.5)
 N_CLASS = 14
-
-
-def _peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-def _rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024.0
 
 
 def plans_dict(net_shape) -> dict:
@@ -120,7 +111,7 @@ def child(side: str, work: Path, probs: bool) -> None:
         cm = pm.get_configuration("3d_fullres")
         logits = torch.from_numpy(np.load(work / "logits.npy"))
         props = props_dict(meta["shape"])
-        before = _rss_mb()
+        before = rss_mb()
         t0 = time.perf_counter()
         out = v2_convert(logits, pm, cm, lm, props, return_probabilities=probs,
                          num_threads_torch=meta["threads"])
@@ -137,11 +128,11 @@ def child(side: str, work: Path, probs: bool) -> None:
         shape = tuple(meta["shape"])
         props = CaseProps(SPACING, SPACING, shape, tuple((0, s) for s in shape), shape)
         logits = np.load(work / "logits.npy")
-        before = _rss_mb()
+        before = rss_mb()
         t0 = time.perf_counter()
         seg, p = logits_to_segmentation(logits, props, plans, "3d_fullres", labels, save_probabilities=probs)
         wall = time.perf_counter() - t0
-    peak = _peak_mb()
+    peak = peak_rss_mb()
     np.save(work / f"seg_{side}.npy", np.ascontiguousarray(seg))
     if p is not None:
         np.save(work / f"probs_{side}.npy", np.ascontiguousarray(p))

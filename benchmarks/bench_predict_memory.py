@@ -23,7 +23,6 @@ Measured (2 shared CPU cores; old and new interleaved, two runs each, same load)
 from __future__ import annotations
 
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -31,6 +30,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from rss import peak_rss_mb, rss_mb  # benchmarks/rss.py (this folder is on sys.path when run)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -39,16 +39,6 @@ SHAPE = (400, 512, 512)
 SPACING = (1.0, 0.78, 0.78)
 TARGET = (1.6, 0.79, 0.79)
 N_CLASS = 3
-
-
-def _rss_mb() -> float:
-    """Peak RSS of this process so far (Linux: ru_maxrss in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-def _current_rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024.0
 
 
 def run(mode: str, shape=SHAPE, n_class: int = N_CLASS) -> dict:
@@ -68,7 +58,7 @@ def run(mode: str, shape=SHAPE, n_class: int = N_CLASS) -> dict:
     logits = np.empty((n_class, *resampled), np.float32)
     for c in range(n_class):  # in place: no full-size temporary raises the peak before the export
         rng.standard_normal(dtype=np.float32, out=logits[c])
-    base = _current_rss_mb()
+    base = rss_mb()
     t0, cpu0 = time.perf_counter(), time.process_time()
     with tempfile.TemporaryDirectory() as tmp:
         if mode == "labels":
@@ -80,8 +70,8 @@ def run(mode: str, shape=SHAPE, n_class: int = N_CLASS) -> dict:
     seconds, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     voxels = int(np.prod(shape))
     return {"mode": mode, "source_shape": list(shape), "network_output_shape": [n_class, *resampled],
-            "peak_rss_mb": round(_rss_mb(), 1), "rss_before_mb": round(base, 1),
-            "extra_mb": round(_rss_mb() - base, 1),
+            "peak_rss_mb": round(peak_rss_mb(), 1), "rss_before_mb": round(base, 1),
+            "extra_mb": round(peak_rss_mb() - base, 1),
             "logits_mb": round(logits.nbytes / 2**20, 1),
             "one_source_channel_mb": round(voxels * 4 / 2**20, 1),
             "all_source_channels_mb": round(n_class * voxels * 4 / 2**20, 1), "seconds": round(seconds, 1),

@@ -23,7 +23,6 @@ import argparse
 import json
 import math
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -31,6 +30,7 @@ import tracemalloc
 from pathlib import Path
 
 import numpy as np
+from rss import peak_rss_mb  # benchmarks/rss.py (this folder is on sys.path when run)
 from skimage.transform import resize
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -147,12 +147,12 @@ def child_mem(name: str, variant: str, small: bool) -> None:
     """Peak of one run: tracemalloc (numpy buffers are traced) and the process's max RSS."""
     image, label, cfg = make_case(name, small)
     args = (image, label, cfg["spacing"], cfg["target"], cfg["patch"], cfg["norm"])
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rss0 = peak_rss_mb()
     tracemalloc.start()
     VARIANTS[variant](*args)
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rss = peak_rss_mb()
     print(json.dumps(dict(peak_mb=peak / 2**20, rss_mb=rss, rss_before_mb=rss0)))
 
 
