@@ -13,6 +13,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -47,10 +48,16 @@ def save_npy(array: np.ndarray, path: str | os.PathLike) -> Path:
     return Path(path)
 
 
-def write_json(obj: object, path: str | os.PathLike, indent: int | None = 2) -> Path:
+def write_text(text: str, path: str | os.PathLike) -> Path:
+    """Replace ``path``'s contents atomically: readers see the old file or the new one, never a part."""
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=indent) + "\n")
+        tmp.write_text(text)
     return Path(path)
+
+
+def write_json(obj: object, path: str | os.PathLike, indent: int | None = 2, default: Any = None) -> Path:
+    """:func:`write_text` of ``obj`` as JSON (``default`` as in :func:`json.dumps`)."""
+    return write_text(json.dumps(obj, indent=indent, default=default) + "\n", path)
 
 
 def make_temp_dir(final: str | os.PathLike, tag: str = "tmp") -> Path:

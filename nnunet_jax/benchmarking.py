@@ -151,10 +151,11 @@ def real_batches(data_dir: str | os.PathLike, spec: BenchSpec, global_batch: int
 def run_jax(spec: BenchSpec, data_dir: str | os.PathLike | None = None) -> BenchResult:
     """Time the real jitted train step (or the eval forward) of our U-Net on device-resident batches."""
     import jax
-    import jax.numpy as jnp
 
     from nnunet_jax import parallel
+    from nnunet_jax.inference.forward import make_forward
     from nnunet_jax.losses import make_loss
+    from nnunet_jax.models.build import compute_dtype, uses_fp16
     from nnunet_jax.models.unet import UNet
     from nnunet_jax.training import step as step_lib
     from nnunet_jax.training.optim import make_optimizer
@@ -163,10 +164,10 @@ def run_jax(spec: BenchSpec, data_dir: str | os.PathLike | None = None) -> Bench
     devices = devices[: spec.gpus] if spec.gpus else devices
     mesh = parallel.make_mesh(devices)
     global_batch = spec.batch_size * len(devices)
-    fp16 = spec.amp and spec.amp_dtype == "fp16"
-    dtype = (jnp.float16 if fp16 else jnp.bfloat16) if spec.amp else jnp.float32
+    precision = {"amp": spec.amp, "amp_dtype": spec.amp_dtype}
+    fp16 = uses_fp16(precision)
     model = UNet(n_class=spec.n_class, kernels=spec.kernels, strides=spec.strides, filters=spec.filters,
-                 dtype=dtype)
+                 dtype=compute_dtype(precision))
     tx = make_optimizer(AttrDict(optimizer="radam", learning_rate=1e-3, weight_decay=1e-4, momentum=0.99,
                              gradient_clip_val=0.0, lr_warmup_epochs=0))
     state = step_lib.init_state(model, tx, (*spec.patch, spec.in_channels), spec.seed, mesh, fp16=fp16)
@@ -191,7 +192,7 @@ def run_jax(spec: BenchSpec, data_dir: str | os.PathLike | None = None) -> Bench
 
         n_steps = spec.train_batches
     elif spec.mode == "predict":
-        forward = step_lib.make_eval_forward(model)
+        forward = jax.jit(make_forward(model))
         variables = step_lib.eval_variables(state)
         images = [b["image"] for b in batches]
         compiled = forward.lower(variables, images[0]).compile()

@@ -26,6 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from nnunet_jax.labels import REGIONS, brats_regions
+
 SMOOTH = 1e-5
 FOCAL_GAMMA = 2.0
 
@@ -83,18 +85,10 @@ def dice_ce_loss(logits: jax.Array, labels: jax.Array, focal: bool = False) -> j
     return dice_loss(logits, labels) + second
 
 
-def brats_regions(labels: jax.Array) -> jax.Array:
-    """Float targets ``(..., 3)`` = (WT, TC, ET) from BraTS labels (1 NCR, 2 ED, 3 or 4 ET)."""
-    et = (labels == 3) | (labels == 4)
-    tc = (labels == 1) | et
-    wt = labels > 0
-    return jnp.stack([wt, tc, et], axis=-1).astype(jnp.float32)
-
-
 def region_loss(logits: jax.Array, labels: jax.Array, focal: bool = False) -> jax.Array:
     """BraTS regions: per region batch soft Dice(sigmoid) + BCE (or sigmoid focal), summed over regions."""
     logits = logits.astype(jnp.float32)
-    if logits.shape[-1] != 3:
+    if logits.shape[-1] != len(REGIONS):
         raise ValueError(
             f"the BraTS region loss needs 3 output channels (WT, TC, ET), got {logits.shape[-1]}"
         )

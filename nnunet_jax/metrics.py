@@ -1,7 +1,8 @@
 """Validation and evaluation metrics (docs/reference.md §4).
 
-Dice runs on the device inside jit (from label maps or logits, one volume at a time); the tracker that
-averages it over volumes and epochs and the surface metrics (HD95, NSD) run on the host with NumPy/SciPy.
+Dice runs on the device inside jit (from label maps or logits, one volume at a time; validation averages it
+over volumes, nnunet_jax.training.validation); the surface metrics (HD95, NSD) run on the host with
+NumPy/SciPy.
 
 Surface-metric conventions (MONAI ``compute_hausdorff_distance(percentile=95)`` and
 ``compute_surface_dice(use_subvoxels=False)`` are the oracle): the surface of a mask is its voxels removed by
@@ -17,14 +18,13 @@ with the Dice rule (MONAI returns NaN for both there).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from scipy import ndimage
 
-from nnunet_jax.losses import brats_regions
+from nnunet_jax.labels import brats_regions
 
 
 def _squeeze_channel(x: jax.Array, like_ndim: int) -> jax.Array:
@@ -79,66 +79,6 @@ def region_dice(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return jnp.where(
         n_true == 0, jnp.where(n_pred == 0, 1.0, 0.0), 2.0 * tp / jnp.maximum(n_true + n_pred, 1.0)
     )
-
-
-class DiceTracker:
-    """Running mean of per-volume, per-class Dice over an epoch, plus the best mean ("TOP_mean") so far.
-
-    Reported values are x100 like the reference's logs. ``state_dict``/``load_state_dict`` carry the best
-    score and epoch across a resume.
-    """
-
-    def __init__(self, n_classes: int) -> None:
-        self.n_classes = n_classes
-        self.best_mean = 0.0
-        self.best_epoch = -1
-        self.reset()
-
-    def reset(self) -> None:
-        self._sum = np.zeros(self.n_classes, np.float64)
-        self._count = 0
-
-    def update(self, dice: Any) -> None:
-        """Add one volume ``(n_classes,)`` or several ``(n_volumes, n_classes)`` (0-1 scale)."""
-        d = np.asarray(jax.device_get(dice), np.float64).reshape(-1, self.n_classes)
-        self._sum += d.sum(axis=0)
-        self._count += d.shape[0]
-
-    @property
-    def count(self) -> int:
-        return self._count
-
-    def per_class(self) -> np.ndarray:
-        """Mean over volumes per class, x100."""
-        if self._count == 0:
-            raise ValueError("DiceTracker has no volumes; call update() first")
-        return 100.0 * self._sum / self._count
-
-    def mean(self) -> float:
-        """Mean over classes of :meth:`per_class` ("mean dice", x100)."""
-        return float(np.mean(self.per_class()))
-
-    def end_epoch(self, epoch: int) -> dict[str, Any]:
-        """Close an epoch: update TOP_mean / best epoch, return the log fields, start a new running mean."""
-        per_class, mean = self.per_class(), self.mean()
-        improved = mean > self.best_mean or self.best_epoch < 0
-        if improved:
-            self.best_mean, self.best_epoch = mean, epoch
-        self.reset()
-        return {
-            "dice": [float(v) for v in per_class],
-            "mean_dice": mean,
-            "TOP_mean": self.best_mean,
-            "best_epoch": self.best_epoch,
-            "improved": improved,
-        }
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"best_mean": self.best_mean, "best_epoch": self.best_epoch}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.best_mean = float(state["best_mean"])
-        self.best_epoch = int(state["best_epoch"])
 
 
 def surface_voxels(mask: np.ndarray) -> np.ndarray:

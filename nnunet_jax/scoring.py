@@ -25,11 +25,10 @@ import numpy as np
 
 from nnunet_jax.atomic import atomic_path
 from nnunet_jax.io import NIFTI_SUFFIXES, case_name
+from nnunet_jax.labels import BRATS_MAX_LABEL, REGIONS, region_masks, regions_to_labels
 
 # Stripped from .npy stems: <case>_y.npy (preprocessed labels), <case>_pred.npy (predicted label maps).
 NPY_TAGS = ("_pred", "_y", "_seg")
-REGIONS = ("WT", "TC", "ET")
-BRATS_MAX_LABEL = 4
 
 
 def case_of(path: str | os.PathLike) -> str | None:
@@ -99,8 +98,6 @@ def load_segmentation(path: str | os.PathLike, brats: bool = False) -> Segmentat
     if data.ndim == 4:
         if np.issubdtype(data.dtype, np.floating) and data.shape[0] > 1:
             if brats:
-                from nnunet_jax.inference.predictor import regions_to_labels
-
                 data = regions_to_labels(data)
             else:
                 data = np.argmax(data, axis=0)
@@ -179,13 +176,6 @@ def _max_label(paths: Sequence[Path], brats: bool) -> int:
         except (ValueError, OSError):
             continue  # reported when the case is scored
     return top
-
-
-def region_masks(labels: np.ndarray) -> np.ndarray:
-    """BraTS regions of a label map as int 0/1 maps ``(3, *spatial)``: WT, TC, ET (4 counts as 3)."""
-    from nnunet_jax.losses import brats_regions
-
-    return np.moveaxis(np.asarray(brats_regions(np.asarray(labels))) > 0.5, -1, 0).astype(np.int32)
 
 
 def score_case(pred: np.ndarray, label: np.ndarray, n_class: int, spacing: Sequence[float] | None,

@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from nnunet_jax.labels import brats_regions
 from nnunet_jax.losses import (
-    brats_regions,
     deep_supervision_weights,
     dice_loss,
     downsample_labels,

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from nnunet_jax.metrics import (
-    DiceTracker,
     dice_from_logits,
     dice_per_class,
     hd95,
@@ -63,29 +62,6 @@ def test_region_dice():
     d = np.asarray(region_dice(jnp.asarray(logits), jnp.asarray(label)))
     # WT: label {(0,1),(0,2),(1,0),(1,1)}, pred {(0,1),(1,0)} -> 4/6; TC: {(0,1),(1,0),(1,1)} vs 2 -> 4/5
     np.testing.assert_allclose(d, [4 / 6, 4 / 5, 2 / 3], rtol=1e-6)
-
-
-def test_dice_tracker():
-    t = DiceTracker(2)
-    t.update(np.array([0.5, 1.0]))
-    t.update(jnp.array([[1.0, 0.0], [0.0, 0.5]]))
-    assert t.count == 3
-    np.testing.assert_allclose(t.per_class(), [50.0, 50.0])
-    log = t.end_epoch(0)
-    assert log["mean_dice"] == pytest.approx(50.0) and log["TOP_mean"] == pytest.approx(50.0)
-    assert log["best_epoch"] == 0 and log["improved"] and t.count == 0
-    t.update([0.2, 0.4])
-    log = t.end_epoch(1)
-    assert log["mean_dice"] == pytest.approx(30.0) and log["TOP_mean"] == pytest.approx(50.0)
-    assert log["best_epoch"] == 0 and not log["improved"]
-    t.update([0.9, 0.7])
-    log = t.end_epoch(2)
-    assert log["TOP_mean"] == pytest.approx(80.0) and log["best_epoch"] == 2
-    resumed = DiceTracker(2)
-    resumed.load_state_dict(t.state_dict())
-    assert (resumed.best_mean, resumed.best_epoch) == (t.best_mean, t.best_epoch)
-    with pytest.raises(ValueError, match="no volumes"):
-        resumed.mean()
 
 
 def test_surface_voxels_include_image_border():

@@ -17,12 +17,12 @@ from nnunet_jax.inference.predictor import (
     Predictor,
     find_inputs,
     predict_inputs,
-    regions_to_labels,
     save_prediction,
     to_source_labels,
     to_source_probabilities,
 )
 from nnunet_jax.io import load_case
+from nnunet_jax.labels import regions_to_labels
 from nnunet_jax.preprocessing.case import CaseMeta, preprocess_case
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -233,20 +233,23 @@ def test_predict_preprocessed_folder(tmp_path):
 # ------------------------------------------------------------------------------ predict.py end to end
 
 
-def _write_run(results: Path, plan: dict) -> None:
+def _write_run(results: Path, plan: dict, **overrides) -> None:
     """A training results dir as train.py leaves it: config.json and an Orbax `best` checkpoint."""
+    from nnunet_jax import checkpoints as ckpt_lib
     from nnunet_jax import parallel
+    from nnunet_jax.checkpoints import CONFIG_FILE
     from nnunet_jax.configs.default import get_config
-    from nnunet_jax.training import checkpoint as ckpt_lib
+    from nnunet_jax.models.build import build_model
+    from nnunet_jax.plan import Plan
     from nnunet_jax.training import optim
     from nnunet_jax.training import step as step_lib
-    from nnunet_jax.training.loop import CONFIG_FILE, build_model
 
     config = get_config()
     config.filters = (4, 8, 16)
-    model = build_model(config, plan)
+    config.update(overrides)
+    model = build_model(config, Plan.from_dict(plan))
     target = step_lib.abstract_state(model, optim.make_optimizer(config),
-                                     (*plan["patch_size"], plan["in_channels"]), parallel.make_mesh())
+                                     Plan.from_dict(plan).input_shape, parallel.make_mesh())
     # Random weights without compiling the initialiser (slow on a loaded CPU): only structure matters here.
     rng = np.random.default_rng(sum(map(ord, results.name)))
     state = jax.tree.map(lambda s: jax.device_put(
@@ -256,6 +259,22 @@ def _write_run(results: Path, plan: dict) -> None:
     ckpts.save("best", 1, state, {"identity": {"task": "99"}, "epoch": 1, "step": 1})
     ckpts.close()
     (results / CONFIG_FILE).write_text(json.dumps({"config": json.loads(config.to_json()), "plan": plan}))
+
+
+def test_checkpoint_predictor_takes_the_runs_window_settings(tmp_path):
+    """overlap, blend and windows per call default to the training run's config.json; given ones win."""
+    from nnunet_jax import parallel
+    from nnunet_jax.inference.predictor import Predictor
+
+    plan = _plan((1.0, 1.0, 1.0))
+    _write_run(tmp_path / "run", plan, overlap=0.25, blend="constant", val_batch_size=3)
+    ours = Predictor.from_checkpoints(tmp_path / "run")
+    n_dev = parallel.local_mesh().devices.size
+    assert (ours.overlap, ours.blend) == (0.25, "constant")
+    assert ours.batch_size == -(-3 // n_dev) * n_dev  # rounded up to the local devices
+    given = Predictor.from_checkpoints(tmp_path / "run", overlap=0.6, blend="gaussian", batch_size=1)
+    assert (given.overlap, given.blend, given.batch_size) == (0.6, "gaussian", n_dev)
+    assert given.plan.patch_size == (16, 16, 16)  # the plan recorded by the run
 
 
 @pytest.mark.slow

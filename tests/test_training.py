@@ -4,6 +4,7 @@ Nets are tiny (3 levels, 4-16 filters, 16³ patches); the 1-device and 2-process
 their own XLA_FLAGS (this process has the 8 simulated devices of conftest).
 """
 
+import dataclasses
 import json
 import socket
 import subprocess
@@ -14,8 +15,9 @@ import jax
 import numpy as np
 import pytest
 
+from nnunet_jax import checkpoints as checkpoint
 from nnunet_jax import parallel
-from nnunet_jax.training import checkpoint, loop
+from nnunet_jax.training import loop
 from tests.test_training_utils import ROOT, FakeData, run_python, tiny_config
 
 # Three steps of the tiny U-Net on a fixed global batch of 8, then a validation; writes params + numbers.
@@ -24,14 +26,17 @@ STEPS_SCRIPT = textwrap.dedent("""
     import jax, numpy as np
     from nnunet_jax import parallel
     from nnunet_jax.losses import make_loss
-    from nnunet_jax.training import validation, loop, optim, step as step_lib
+    from nnunet_jax.inference.forward import make_forward
+    from nnunet_jax.labels import LabelSpec
+    from nnunet_jax.models.build import build_model
+    from nnunet_jax.training import validation, optim, step as step_lib
     from tests.test_training_utils import FakeData, tiny_config
 
     def run(out):
         c = tiny_config("/unused", filters=(4, 8, 16), learning_rate=1e-2)
         mesh = parallel.make_mesh()
         data = FakeData(mesh, global_batch=8)
-        model = loop.build_model(c, data.plan)
+        model = build_model(c, data.plan)
         tx = optim.make_optimizer(c)
         state = step_lib.init_state(model, tx, (16, 16, 16, 1), 0, mesh)
         train = step_lib.make_train_step(model, make_loss(), tx, mesh)
@@ -42,9 +47,9 @@ STEPS_SCRIPT = textwrap.dedent("""
         state, m = train(state, next(data.train_batches(1, 0)))
         losses.append(float(m["loss"]))
         lmesh = parallel.local_mesh()
-        v = validation.validate(step_lib.eval_variables(state), validation.make_apply_fn(model, lmesh),
-                                data.val_cases, data.load_case, 2, (16, 16, 16), loss_fn=make_loss(),
-                                mesh=lmesh)
+        validator = validation.Validator(make_forward(model, lmesh), LabelSpec(2), (16, 16, 16), make_loss(),
+                                         lmesh)
+        v = validator(step_lib.eval_variables(state), data.val_cases, data.load_case)
         if jax.process_index() == 0:
             flat = {jax.tree_util.keystr(k): np.asarray(a.addressable_data(0))
                     for k, a in jax.tree_util.tree_leaves_with_path(state.params)}
@@ -179,7 +184,7 @@ def test_clear_errors_before_compute(tmp_path):
         loop.train_and_evaluate(tiny_config(tmp_path / "r", data=str(tmp_path / "nothing")))
     # plan that does not match the flags
     bad = FakeData(_mesh(), global_batch=8)
-    bad.plan = {**bad.plan, "dim": 2}
+    bad.plan = dataclasses.replace(bad.plan, dim=2)
     with pytest.raises(loop.TrainingError, match="plan does not match the flags: plan dim 2 but --dim 3"):
         loop.train_and_evaluate(tiny_config(tmp_path / "r"), data=bad)
     # results dir holding another task's checkpoint

@@ -66,7 +66,7 @@ def _region_logits_from_label(variables, x):
     """A fake net whose input holds the label: WT, TC exact; ET exact, or everywhere with variables["et"]."""
     import jax.numpy as jnp
 
-    from nnunet_jax.losses import brats_regions
+    from nnunet_jax.labels import brats_regions
 
     regions = brats_regions(jnp.round(x[..., 0]).astype(jnp.int32))
     regions = regions.at[..., 2].set(jnp.maximum(regions[..., 2], variables["et"]))
@@ -74,15 +74,16 @@ def _region_logits_from_label(variables, x):
 
 
 def test_validation_region_dice_by_hand():
+    from nnunet_jax.labels import LabelSpec
     from nnunet_jax.losses import make_loss
 
     rng = np.random.default_rng(3)
     cases = {"a": tumour(rng)[1], "b": tumour(rng, with_et=False)[1]}  # "b" has no ET
     load = lambda name: (cases[name][..., None].astype(np.float32), cases[name].astype(np.int32))  # noqa: E731
     mesh = parallel.local_mesh(1)
-    run = lambda et: validation.validate(  # noqa: E731
-        {"et": np.float32(et)}, _region_logits_from_label, ["a", "b"], load, 4, (16, 16, 16),
-        loss_fn=make_loss(brats=True), mesh=mesh, brats=True)
+    validator = validation.Validator(_region_logits_from_label, LabelSpec(4, brats=True), (16, 16, 16),
+                                     make_loss(brats=True), mesh)
+    run = lambda et: validator({"et": np.float32(et)}, ["a", "b"], load)  # noqa: E731
     perfect = run(0.0)
     assert perfect["dice"] == pytest.approx([100.0, 100.0, 100.0])  # "b": ET empty in both → 100
     assert perfect["mean_dice"] == pytest.approx(100.0)

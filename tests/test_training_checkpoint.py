@@ -11,8 +11,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from nnunet_jax import checkpoints as checkpoint
 from nnunet_jax import parallel
-from nnunet_jax.training import checkpoint, loop
+from nnunet_jax.models.build import build_model
+from nnunet_jax.training import loop
 from tests.test_training_utils import FakeData, run_python, tiny_config
 
 RUN = textwrap.dedent("""
@@ -64,6 +66,8 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path):
     run_python(RUN + f"\nrun({str(killed)!r}, resume=True)\n", devices=8)
 
     assert _logs(killed) == _logs(tmp_path / "ref")
+    # the host bookkeeping (early stopping, loader position, running loss) is saved beside the arrays
+    assert checkpoint.read_meta(killed)["progress"] == checkpoint.read_meta(tmp_path / "ref")["progress"]
     ref, got = _final_state(tmp_path / "ref"), _final_state(killed)
     assert [k for k, _ in ref] == [k for k, _ in got]
     for (path, a), (_, b) in zip(ref, got, strict=True):
@@ -73,7 +77,7 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path):
 ATOMIC = textwrap.dedent("""
     import os, signal
     import jax.numpy as jnp
-    from nnunet_jax.training import checkpoint
+    from nnunet_jax import checkpoints as checkpoint
     ck = checkpoint.Checkpoints(RESULTS)
     ck.save("last", 1, {"w": jnp.arange(10.0), "n": jnp.int32(1)}, {"epoch": 1})
     ck.wait()
@@ -113,7 +117,7 @@ def test_restore_with_target_keeps_namedtuples(tmp_path):
 
     c = tiny_config(tmp_path, filters=(4, 8, 16))
     data = FakeData(parallel.make_mesh(), global_batch=8)
-    model = loop.build_model(c, data.plan)
+    model = build_model(c, data.plan)
     tx = optim.make_optimizer(c)
     mesh = parallel.make_mesh()
     state = step_lib.init_state(model, tx, (16, 16, 16, 1), 3, mesh)
@@ -126,3 +130,40 @@ def test_restore_with_target_keeps_namedtuples(tmp_path):
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored), jax.device_get(state))
     with pytest.raises(FileNotFoundError, match="holds no finished checkpoint"):
         checkpoint.resolve_ckpt_path(tmp_path / "checkpoints" / "last")
+
+
+def test_progress_meta_round_trip():
+    import math
+
+    from nnunet_jax.training.state import Progress
+
+    p = Progress(epoch=3, loader_step=2, best_score=81.5, best_epoch=2, patience=1, plateau_bad=1)
+    for loss in (0.7, 0.30000001, 1e-8):
+        p.add_loss(np.float32(loss))
+    assert p.loader_step == 5 and p.loss_sum == float(np.float32(np.float32(0.7) + np.float32(0.30000001))
+                                                      + np.float32(1e-8))
+    meta = json.loads(json.dumps(p.to_meta()))  # what the checkpoint's JSON meta holds
+    assert meta["plateau_best"] is None and math.isinf(Progress.from_meta(meta).plateau_best)
+    assert Progress.from_meta(meta) == p
+    p.end_epoch()
+    assert (p.epoch, p.loader_step, p.loss_sum) == (4, 0, 0.0)
+
+
+def test_checkpoint_without_progress_is_refused(tmp_path):
+    """A checkpoint of the older layout (bookkeeping inside the arrays) cannot be resumed; say so."""
+    from nnunet_jax.training import optim
+    from nnunet_jax.training import step as step_lib
+
+    c = tiny_config(tmp_path, filters=(4, 8, 16), resume_training=True)
+    data = FakeData(parallel.make_mesh(), global_batch=8)
+    model = build_model(c, data.plan)
+    mesh = parallel.make_mesh()
+    target = step_lib.abstract_state(model, optim.make_optimizer(c, data.steps_per_epoch), (16, 16, 16, 1),
+                                     mesh)
+    state = jax.tree.map(lambda s: jax.device_put(np.zeros(s.shape, s.dtype), s.sharding), target)
+    ck = checkpoint.Checkpoints(tmp_path)
+    identity = loop.run_identity(c, data.plan, model.widths)
+    ck.save("last", 2, state, {"identity": identity, "epoch": 1, "step": 2})
+    ck.close()
+    with pytest.raises(loop.TrainingError, match="older version of nnunet-jax.*cannot be resumed"):
+        loop.train_and_evaluate(c, data=data)

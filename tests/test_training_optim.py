@@ -2,6 +2,7 @@
 
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -110,14 +111,15 @@ def test_plateau_follows_torch_reduce_lr_on_plateau():
     assert lrs == [1.0, 1.0, 1.0, 1.0, 0.5, 0.5, 0.5, 0.5, 0.5, 0.25]
 
 
+class Lin(nn.Module):
+    """The smallest model the train step takes."""
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        return nn.Dense(2)(x)
+
+
 def test_fp16_loss_scaling_skips_overflowing_steps():
-    import flax.linen as nn
-
-    class Lin(nn.Module):
-        @nn.compact
-        def __call__(self, x, train=False):
-            return nn.Dense(2)(x)
-
     mesh = parallel.make_mesh()
     tx = optim.make_optimizer(_cfg(optimizer="sgd", learning_rate=0.1, weight_decay=0.0))
 
@@ -140,3 +142,22 @@ def test_fp16_loss_scaling_skips_overflowing_steps():
     assert bool(m["finite"]) and int(state.good_steps) == 1
     changed = jax.tree.map(lambda a, b: not np.array_equal(a, b), jax.device_get(state.params), before)
     assert any(jax.tree.leaves(changed))
+
+
+def test_fp16_loss_scale_doubles_after_2000_finite_steps():
+    """PyTorch GradScaler's schedule (growth_interval 2000): the 2000th finite step in a row doubles."""
+    from nnunet_jax.training.state import SCALE_PERIOD
+
+    mesh = parallel.make_mesh()
+    tx = optim.make_optimizer(_cfg(optimizer="sgd", learning_rate=0.0, weight_decay=0.0))
+    state = step_lib.init_state(Lin(), tx, (2,), 0, mesh, fp16=True)
+    train = step_lib.make_train_step(Lin(), lambda out, y: jnp.mean(out**2) * 0.0 + jnp.mean(y) * 0.0, tx,
+                                     mesh, fp16=True)
+    n = mesh.devices.size
+    ok = parallel.global_batch({"image": np.ones((n, 2), np.float32), "label": np.ones((n,), np.float32)},
+                               mesh)
+    for _ in range(SCALE_PERIOD - 1):
+        state, _ = train(state, ok)
+    assert float(state.loss_scale) == 2.0**15 and int(state.good_steps) == SCALE_PERIOD - 1
+    state, _ = train(state, ok)
+    assert float(state.loss_scale) == 2.0**16 and int(state.good_steps) == 0

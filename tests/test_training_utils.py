@@ -40,8 +40,10 @@ class FakeData:
 
         self.mesh, self.global_batch, self.seed = mesh, global_batch, seed
         self.steps_per_epoch = steps_per_epoch
-        self.plan = {"task": task, "dim": 3, "patch_size": list(PATCH), "n_class": 2, "in_channels": 1,
-                     "topology": TOPOLOGY}
+        from nnunet_jax.plan import Plan
+
+        self.plan = Plan.from_dict({"task": task, "dim": 3, "patch_size": list(PATCH), "n_class": 2,
+                                    "in_channels": 1, "topology": TOPOLOGY})
         rng = np.random.default_rng(1234)
         self.train = [sphere_case(rng, PATCH) for _ in range(n_train)]
         self.val = {f"val_{i}": sphere_case(rng, val_shape) for i in range(n_val)}

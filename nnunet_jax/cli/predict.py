@@ -37,9 +37,12 @@ def define_flags() -> None:
     flags.DEFINE_boolean("tta", False, "Flip test-time augmentation (mean of the logits over all flips).")
     flags.DEFINE_boolean("amp", False, "Mixed-precision inference.")
     flags.DEFINE_enum("amp_dtype", "bf16", ["bf16", "fp16"], "Compute dtype under --amp.")
-    flags.DEFINE_float("overlap", 0.5, "Sliding-window overlap.")
-    flags.DEFINE_enum("blend", "gaussian", ["gaussian", "constant"], "Sliding-window blending.")
-    flags.DEFINE_integer("val_batch_size", 4, "Windows per forward pass.")
+    flags.DEFINE_float("overlap", None, "Sliding-window overlap (default: the training run's --overlap, "
+                       "else 0.5).")
+    flags.DEFINE_enum("blend", None, ["gaussian", "constant"], "Sliding-window blending (default: the "
+                      "training run's --blend, else gaussian).")
+    flags.DEFINE_integer("val_batch_size", None, "Windows per forward pass (default: the training run's "
+                         "--val_batch_size, else 4).")
     flags.DEFINE_boolean("save_preds", False, "Also save float probabilities <case>.npy (C, Z, Y, X).")
     flags.DEFINE_boolean("save_nifti", True, "Save NIfTI label maps in the source geometry.")
     flags.DEFINE_integer("fold", None, "Predict only this fold's validation cases of the preprocessed folder "
@@ -61,11 +64,13 @@ def define_flags() -> None:
 def _plan_path() -> str | None:
     from pathlib import Path
 
+    from nnunet_jax.plan import PLAN_FILE
+
     if FLAGS.plan:
         return FLAGS.plan
     for d in FLAGS.data:
-        if (Path(d) / "plan.json").is_file():
-            return str(Path(d) / "plan.json")
+        if (Path(d) / PLAN_FILE).is_file():
+            return str(Path(d) / PLAN_FILE)
     return None
 
 
@@ -76,6 +81,7 @@ def main(argv: list[str]) -> int:
 
     if bool(FLAGS.ckpt_path) == bool(FLAGS.torch_ckpt):
         raise app.UsageError("give either --ckpt_path (one or more) or --torch_ckpt")
+    # Sliding-window settings not given are the training run's own (None: from its config.json).
     options = dict(tta=FLAGS.tta, overlap=FLAGS.overlap, blend=FLAGS.blend, batch_size=FLAGS.val_batch_size)
     # Orbax runs record whether they are region models: --brats only has to agree when it is given.
     brats = FLAGS.brats if FLAGS.torch_ckpt or FLAGS["brats"].present else None
@@ -96,7 +102,10 @@ def main(argv: list[str]) -> int:
         if FLAGS.fold is not None:
             from nnunet_jax.data.folds import split_cases
 
-            cases = split_cases(predictor.plan["cases"]["training"], FLAGS.fold)[1]
+            training = predictor.plan.training_cases
+            if training is None:
+                raise ValueError("--fold needs a plan that lists its training cases (preprocess again)")
+            cases = split_cases(training, FLAGS.fold)[1]
         written = predict_inputs(predictor, FLAGS.data, FLAGS.results, save_nifti=FLAGS.save_nifti,
                                  save_preds=FLAGS.save_preds, raw=FLAGS.raw, cases=cases,
                                  overlays=FLAGS.overlays)

@@ -11,13 +11,15 @@ box), where the label map is an argmax streamed channel by channel, so a 512×51
 class maps at full resolution at once. BraTS region models (3 sigmoid outputs WT, TC, ET) become labels by
 thresholding at 0.5: WT → 2 (edema), TC → 1 (necrosis), ET → 3 (enhancing; 4 when the plan's labels use 4).
 
-The sliding window, TTA, checkpoint reader, model builder, PyTorch converter and preprocessing are the ones
-of the other modules; this file only composes them.
+The windowed forward (:mod:`nnunet_jax.inference.forward`, the one training's validation runs too), the
+checkpoint reader (:mod:`nnunet_jax.checkpoints`), the model builder (:mod:`nnunet_jax.models.build`), the
+label/region rules (:mod:`nnunet_jax.labels`), the PyTorch converter and the preprocessing are the ones of the
+other modules; this file only composes them. Sliding-window settings not given (``overlap``, ``blend``,
+``batch_size``) are the training run's own (its ``config.json``), as it validated with them.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
@@ -30,10 +32,13 @@ import numpy as np
 from scipy.special import expit, softmax
 
 from nnunet_jax.atomic import save_npy
-from nnunet_jax.attrdict import AttrDict
+from nnunet_jax.inference.forward import ApplyFn, WindowedForward, host_copy, make_forward, window_batch
 from nnunet_jax.io import NIFTI_SUFFIXES
+from nnunet_jax.labels import LabelSpec, regions_to_labels, use_brats
+from nnunet_jax.plan import IMAGE_SUFFIX, Plan, case_of, meta_file
 
-ApplyFn = Callable[[Any, jax.Array], jax.Array]
+# Sliding-window settings a training run records and prediction takes as defaults (predictor option: config).
+RUN_WINDOW_SETTINGS = {"overlap": "overlap", "blend": "blend", "batch_size": "val_batch_size"}
 
 
 # --------------------------------------------------------------------------------------------- outputs
@@ -51,19 +56,7 @@ class Prediction:
     probabilities: np.ndarray | None = None  # (K, Z, Y, X) float32, same geometry as labels, on request
 
 
-def regions_to_labels(probs: np.ndarray, threshold: float = 0.5, et_label: int = 3) -> np.ndarray:
-    """BraTS regions (3, *spatial) probabilities (WT, TC, ET) → labels: WT 2, TC 1, ET ``et_label``."""
-    probs = np.asarray(probs)
-    if probs.shape[0] != 3:
-        raise ValueError(f"BraTS region output needs 3 channels (WT, TC, ET), got shape {probs.shape}")
-    out = np.zeros(probs.shape[1:], np.uint8)
-    out[probs[0] > threshold] = 2
-    out[probs[1] > threshold] = 1
-    out[probs[2] > threshold] = et_label
-    return out
-
-
-def _overlay(pred: Prediction, image: Path | None, out_dir: str | os.PathLike, plan: Mapping[str, Any],
+def _overlay(pred: Prediction, image: Path | None, out_dir: str | os.PathLike, plan: Plan,
              log: Callable[[str], None]) -> list[Path]:
     """``<case>_overlay.png``: the label map over a few slices of its source image (when that is known)."""
     if image is None or pred.affine is None:
@@ -72,7 +65,7 @@ def _overlay(pred: Prediction, image: Path | None, out_dir: str | os.PathLike, p
     from nnunet_jax.io import load_case
     from nnunet_jax.plots import overlay_png
 
-    names = {int(k): str(v) for k, v in (plan.get("labels") or {}).items()}
+    names = {int(k): v for k, v in plan.labels.items()}
     out = Path(out_dir) / f"{pred.case}_overlay.png"
     return [overlay_png(load_case(image).image, pred.labels, out, names)]
 
@@ -145,68 +138,37 @@ def _default_config() -> dict[str, Any]:
     return get_config().to_dict()
 
 
-def _workdir_of(mdir: Path) -> Path:
-    """``<results>/checkpoints/<kind>`` → ``<results>``."""
-    return mdir.parent.parent if mdir.parent.name == "checkpoints" else mdir.parent
-
-
-def read_run_settings(ckpt_path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any] | None]:
+def read_run_settings(ckpt_path: str | os.PathLike) -> tuple[dict[str, Any], Plan | None]:
     """(config, plan) of the training run that wrote a checkpoint: its results dir's config.json, else the
     defaults overlaid with the checkpoint's identity (plan None)."""
-    from nnunet_jax.training import checkpoint as ckpt_lib
-    from nnunet_jax.training.loop import CONFIG_FILE
+    from nnunet_jax import checkpoints
 
-    mdir, _ = ckpt_lib.resolve_ckpt_path(ckpt_path)
-    settings_path = _workdir_of(mdir) / CONFIG_FILE
-    if settings_path.is_file():
-        settings = json.loads(settings_path.read_text())
-        return dict(settings["config"]), settings.get("plan")
+    settings = checkpoints.read_run_settings(ckpt_path)
+    if settings is not None:
+        plan = settings.get("plan")
+        where = f"{ckpt_path} (config.json's plan)"
+        return dict(settings["config"]), None if plan is None else Plan.from_dict(plan, where)
     config = _default_config()
-    kind = mdir.name if mdir.name in ("best", "last") else "last"
-    meta = ckpt_lib.read_meta(_workdir_of(mdir), kind) or {}
-    ident = meta.get("identity", {})
-    config.update(
-        {
-            k: ident[k]
-            for k in ("norm", "residual", "attention", "deep_supervision", "dim", "fold", "brats")
-            if k in ident
-        }
-    )
+    ident = checkpoints.read_checkpoint_meta(ckpt_path).get("identity", {})
+    config.update({k: ident[k] for k in ("norm", "residual", "attention", "deep_supervision", "dim", "fold",
+                                         "brats") if k in ident})
     if ident.get("filters"):
         config["filters"] = list(ident["filters"])
     return config, None
 
 
-def restore_variables(
-    ckpt_path: str | os.PathLike, config: Mapping[str, Any], plan: Mapping[str, Any], mesh: Any
-) -> dict[str, Any]:
-    """The model variables (params, batch_stats) of an Orbax checkpoint, restored as training restores it
-    (target = the run's state structure), returned as host numpy trees."""
-    from nnunet_jax.training import checkpoint as ckpt_lib
-    from nnunet_jax.training import optim
-    from nnunet_jax.training import step as step_lib
-    from nnunet_jax.training.loop import build_model
+def restore_variables(ckpt_path: str | os.PathLike, model: Any, plan: Plan, mesh: Any) -> dict[str, Any]:
+    """The model variables (params, batch_stats) of an Orbax checkpoint as host numpy trees; only they are
+    read (the optimizer state stays on disk), shaped by ``model``'s own initialisation."""
+    from nnunet_jax import checkpoints, parallel
 
-    cfg = AttrDict(config)
-    model = build_model(AttrDict(dict(config, amp=False)), dict(plan))
-    fp16 = bool(cfg.get("amp")) and cfg.get("amp_dtype") == "fp16"
-    tx = optim.make_optimizer(cfg)
-    input_shape = (*map(int, plan["patch_size"]), int(plan["in_channels"]))
-    target = step_lib.abstract_state(model, tx, input_shape, mesh, fp16)
-    state, _ = ckpt_lib.restore_path(ckpt_path, target)
-    return step_lib.to_numpy_tree(step_lib.eval_variables(state))
-
-
-def load_plan(plan: str | os.PathLike | Mapping[str, Any]) -> dict[str, Any]:
-    """plan.json (a file, a folder holding one, or the dict itself)."""
-    if isinstance(plan, Mapping):
-        return dict(plan)
-    path = Path(plan)
-    if path.is_dir():
-        path = path / "plan.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no plan.json (preprocess the training data first)")
-    return json.loads(path.read_text())
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, *plan.input_shape)),
+                                               train=False))
+    sharding = parallel.replicated(mesh)
+    template = {k: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), v)
+                for k, v in shapes.items() if k in ("params", "batch_stats") and v}
+    variables, _ = checkpoints.restore_variables(ckpt_path, template)
+    return host_copy(variables)
 
 
 # --------------------------------------------------------------------------------------- the predictor
@@ -222,7 +184,7 @@ class Predictor:
 
     def __init__(
         self,
-        plan: str | os.PathLike | Mapping[str, Any],
+        plan: Plan | str | os.PathLike | Mapping[str, Any],
         apply_fn: ApplyFn,
         variables: Sequence[Any],
         *,
@@ -235,15 +197,14 @@ class Predictor:
     ):
         if not variables:
             raise ValueError("Predictor needs at least one set of model variables")
-        self.plan = load_plan(plan)
-        self.dim = int(self.plan["dim"])
-        self.patch = tuple(int(p) for p in self.plan["patch_size"])
-        self.n_class = int(self.plan["n_class"])
+        self.plan = Plan.coerce(plan)
+        self.dim, self.patch, self.n_class = self.plan.dim, self.plan.patch_size, self.plan.n_class
         self.apply_fn = apply_fn
         self.tta, self.overlap, self.blend = tta, overlap, blend
         self.batch_size, self.brats = batch_size, brats
-        labels = {str(k) for k in self.plan.get("labels", {})}
-        self.et_label = 4 if "4" in labels else 3
+        self.labels = LabelSpec.of(self.plan, brats)
+        self.et_label = self.labels.et_label
+        self.window = WindowedForward(apply_fn, self.patch, overlap, blend, batch_size, tta)
         if mesh is None:
             self.variables = [jax.device_put(v) for v in variables]
         else:
@@ -259,12 +220,11 @@ class Predictor:
     ) -> Predictor:
         """Our UNet and its variables; windows are split over the local devices."""
         from nnunet_jax import parallel
-        from nnunet_jax.training.validation import make_apply_fn, window_batch
 
         mesh = parallel.local_mesh()
         return cls(
             plan,
-            make_apply_fn(model, mesh),
+            make_forward(model, mesh),
             variables,
             batch_size=window_batch(batch_size, mesh),
             mesh=mesh,
@@ -284,9 +244,10 @@ class Predictor:
     ) -> Predictor:
         """Orbax checkpoints of training runs (results dirs, ``checkpoints/best``, or one step dir); several
         = a fold ensemble (mean of softmax). The model options come from each run's config.json, BraTS region
-        mode too (``brats`` None: as the runs were trained; True/False must agree with them)."""
+        mode too (``brats`` None: as the runs were trained; True/False must agree with them), and so do the
+        sliding-window settings not given in ``options`` (``overlap``, ``blend``, ``batch_size``)."""
         from nnunet_jax import parallel
-        from nnunet_jax.training.loop import build_model, use_brats
+        from nnunet_jax.models.build import build_model
 
         paths = [paths] if isinstance(paths, str | os.PathLike) else list(paths)
         if not paths:
@@ -295,7 +256,7 @@ class Predictor:
         variables, configs = [], []
         for p in paths:
             config, run_plan = read_run_settings(p)
-            the_plan = load_plan(plan) if plan is not None else run_plan
+            the_plan = Plan.coerce(plan) if plan is not None else run_plan
             if the_plan is None:
                 raise FileNotFoundError(f"{p}: the run's config.json is missing; pass the plan (plan.json)")
             run_brats = use_brats(config)
@@ -305,10 +266,15 @@ class Predictor:
             if configs and run_brats != use_brats(configs[0][0]):
                 raise ValueError(f"{p}: cannot ensemble BraTS region and per-class models "
                                  f"(see {paths[0]})")
-            variables.append(restore_variables(p, config, the_plan, mesh))
+            variables.append(restore_variables(p, build_model(dict(config, amp=False), the_plan), the_plan,
+                                               mesh))
             configs.append((config, the_plan))
         config, the_plan = configs[0]
-        model = build_model(AttrDict(dict(config, amp=amp, amp_dtype=amp_dtype)), the_plan)
+        for option, key in RUN_WINDOW_SETTINGS.items():
+            if options.get(option) is None and key in config:
+                options[option] = config[key]
+        options = {k: v for k, v in options.items() if v is not None}
+        model = build_model(dict(config, amp=amp, amp_dtype=amp_dtype), the_plan)
         return cls.from_model(the_plan, model, variables, brats=use_brats(config), **options)
 
     @classmethod
@@ -325,16 +291,13 @@ class Predictor:
         """A PyTorch nnU-Net / MONAI DynUNet state dict (``.pt``/``.ckpt``), via ``nnunet_jax.interop.monai``.
         ``model_options`` are UNet options (filters, norm, residual, deep_supervision, ...)."""
         from nnunet_jax.interop.monai import load_torch_checkpoint
-        from nnunet_jax.models.unet import UNet
+        from nnunet_jax.models.build import build_model
 
-        the_plan = load_plan(plan)
-        opts = dict(model_options or {})
-        n_out = 3 if options.get("brats") else int(the_plan["n_class"])  # BraTS: WT, TC, ET sigmoids
-        template = UNet.from_topology(the_plan["topology"], n_out, **opts)
-        variables = load_torch_checkpoint(path, template, int(the_plan["in_channels"]))
-        if amp:
-            opts["dtype"] = jnp.float16 if amp_dtype == "fp16" else jnp.bfloat16
-        model = UNet.from_topology(the_plan["topology"], n_out, **opts)
+        the_plan = Plan.coerce(plan)
+        opts = dict(model_options or {}, brats=bool(options.get("brats")))
+        variables = load_torch_checkpoint(path, build_model(opts, the_plan), the_plan.in_channels)
+        model = build_model(dict(opts, amp=amp, amp_dtype=amp_dtype), the_plan)
+        options = {k: v for k, v in options.items() if v is not None}
         return cls.from_model(the_plan, model, [variables], **options)
 
     # -- the network part
@@ -347,32 +310,15 @@ class Predictor:
         return "logits" if len(self.variables) == 1 else "probs"
 
     def _window_logits(self, volume: np.ndarray, variables: Any) -> np.ndarray:
-        """(C, *spatial) → (K, *spatial) float32 logits; 2D plans run slice by slice along Z."""
+        """(C, Z, Y, X) → (K, Z, Y, X) float32 logits; 2D plans run slice by slice along Z."""
         from nnunet_jax.data.layout import to_channels_first, to_channels_last
-        from nnunet_jax.inference.sliding_window import sliding_window_inference
 
-        def run(v: np.ndarray) -> np.ndarray:
-            vol = to_channels_last(v, self.dim)
-            out = sliding_window_inference(
-                vol,
-                self.apply_fn,
-                variables,
-                self.patch,
-                overlap=self.overlap,
-                blend=self.blend,
-                batch_size=self.batch_size,
-                tta=self.tta,
-            )
-            return np.asarray(to_channels_first(out, self.dim))
-
-        if self.dim == 3:
-            return run(volume)
-        return np.stack([run(volume[:, z]) for z in range(volume.shape[1])], axis=1)
+        return np.asarray(to_channels_first(self.window(variables, to_channels_last(volume, 3)), 3))
 
     def predict_preprocessed(self, x: np.ndarray) -> np.ndarray:
         """A preprocessed case (C, Z, Y, X) → (K, Z, Y, X) float32 of :attr:`output_kind`."""
         x = np.asarray(x, np.float32)
-        in_ch = int(self.plan.get("in_channels", x.shape[0]))
+        in_ch = self.plan.in_channels
         if x.ndim != 4 or x.shape[0] != in_ch:
             raise ValueError(f"expected a preprocessed (C={in_ch}, Z, Y, X) volume, got shape {x.shape}")
         if len(self.variables) == 1 and not self.brats:
@@ -391,9 +337,7 @@ class Predictor:
         kind = "probs" if self.output_kind == "regions" else self.output_kind
         if meta is not None:
             return to_source_labels(out, meta, kind, self.brats, self.et_label)
-        if self.brats:
-            return regions_to_labels(out, 0.5, self.et_label)
-        return np.argmax(out, axis=0).astype(np.uint8)
+        return self.labels.to_labels(out)
 
     def probabilities_from_output(self, out: np.ndarray, meta: Any = None) -> np.ndarray:
         kind = "probs" if self.output_kind == "regions" else self.output_kind
@@ -411,11 +355,11 @@ class Predictor:
             image,
             None,
             spacing,
-            target_spacing=self.plan["spacing"],
+            target_spacing=self._plan_spacing(),
             patch_size=self.patch,
             dim=self.dim,
-            normalization=self.plan.get("normalization", "MRI"),
-            ct_stats=self.plan.get("ct_stats"),
+            normalization=self.plan.normalization,
+            ct_stats=self.plan.ct_stats,
             mode="test",
             affine=affine,
             case=case,
@@ -444,7 +388,7 @@ class Predictor:
         if isinstance(source, str | os.PathLike):
             from nnunet_jax.io import case_name, load_case
 
-            loaded = load_case(source, n_channels=self.plan.get("in_channels"))
+            loaded = load_case(source, n_channels=self.plan.in_channels)
             case = case or case_name(source)
             x, meta = self.preprocess(loaded.image, loaded.spacing, loaded.affine, case)
             affine, header = loaded.affine, loaded.header
@@ -465,22 +409,27 @@ class Predictor:
         probs = self.probabilities_from_output(out, meta) if probabilities else None
         return Prediction(case, labels, affine, header, probs)
 
+    def _plan_spacing(self) -> tuple[float, ...]:
+        if self.plan.spacing is None:
+            raise ValueError("the plan has no target spacing: cannot preprocess raw images with it")
+        return self.plan.spacing
+
     def _default_spacing(self) -> tuple[float, float, float]:
-        sp = [float(s) for s in self.plan["spacing"]]
+        sp = self._plan_spacing()
         return tuple(sp) if len(sp) == 3 else (1.0, *sp)
 
 
 # ------------------------------------------------------------------------------------------- folders
 
 
-def source_images(plan: Mapping[str, Any], raw: str | os.PathLike | None = None) -> dict[str, Path]:
+def source_images(plan: Plan, raw: str | os.PathLike | None = None) -> dict[str, Path]:
     """``{case: source NIfTI}`` from ``raw`` (a folder of images) or the plan's dataset (``source.data``), so
     predictions of preprocessed cases get the source header; empty when neither can be read."""
     from nnunet_jax.io import case_name
 
     if raw is not None:
         return {case_name(p): p for p in sorted(Path(raw).iterdir()) if p.name.endswith(NIFTI_SUFFIXES)}
-    root = (plan.get("source") or {}).get("data")
+    root = plan.source_data
     if not root or not (Path(root) / "dataset.json").is_file():
         return {}
     try:
@@ -509,7 +458,7 @@ def find_inputs(data: Sequence[str | os.PathLike]) -> tuple[list[Path], list[Pat
             continue
         p = Path(item)
         if p.is_dir():
-            xs = sorted(p.glob("*_x.npy"))
+            xs = sorted(p.glob(f"*{IMAGE_SUFFIX}"))
             if xs:
                 npy.extend(xs)
             else:
@@ -519,7 +468,7 @@ def find_inputs(data: Sequence[str | os.PathLike]) -> tuple[list[Path], list[Pat
                 nifti.extend(found)
         elif p.name.endswith(NIFTI_SUFFIXES) and p.is_file():
             nifti.append(p)
-        elif p.name.endswith("_x.npy") and p.is_file():
+        elif p.name.endswith(IMAGE_SUFFIX) and p.is_file():
             npy.append(p)
         else:
             raise FileNotFoundError(f"{p}: not a folder, a NIfTI file or a preprocessed <case>_x.npy")
@@ -548,14 +497,14 @@ def predict_inputs(
     npy, nifti = find_inputs(data)
     if cases is not None:
         wanted = set(cases)
-        npy = [p for p in npy if p.name[: -len("_x.npy")] in wanted]
+        npy = [p for p in npy if case_of(p) in wanted]
         if not npy and not nifti:
             raise ValueError(f"none of the requested cases ({', '.join(sorted(wanted)[:5])}) is in {data}")
     headers = source_images(predictor.plan, raw) if npy else {}
     written: list[Path] = []
     for x_path in npy:
-        case = x_path.name[: -len("_x.npy")]
-        meta_path = x_path.with_name(f"{case}_meta.npy")
+        case = case_of(x_path)
+        meta_path = x_path.with_name(meta_file(case))
         meta = CaseMeta.load(meta_path) if meta_path.is_file() else None
         if meta is None and save_nifti:
             raise FileNotFoundError(f"{meta_path} is missing: cannot map case {case!r} back to its source")

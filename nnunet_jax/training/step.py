@@ -1,4 +1,4 @@
-"""The jitted train step, the state initialiser and the eval forward.
+"""The jitted train step and the state initialiser.
 
 Data parallelism = one ``jax.jit`` with shardings: the state is replicated, the batch is split over the mesh's
 ``data`` axis, the state is donated. The loss is the mean over the *global* batch, so XLA's all-reduce of the
@@ -6,7 +6,8 @@ gradient is the whole story (no pmean: DESIGN.md, traps) and N devices compute w
 
 Mixed precision: the model computes in ``compute_dtype`` (bf16 by default under ``--amp``) from fp32 master
 params and returns fp32 logits; the loss is fp32. With fp16 the loss is multiplied by a dynamic scale: a step
-whose gradients are not finite is skipped and halves the scale, 2000 finite steps in a row double it.
+whose gradients are not finite is skipped and halves the scale, 2000 finite steps in a row double it (flax's
+``DynamicScale`` with PyTorch GradScaler's schedule, see ``state.py``).
 """
 
 from __future__ import annotations
@@ -16,16 +17,14 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from jax.sharding import Mesh
 
 from nnunet_jax import parallel
+from nnunet_jax.inference.forward import model_variables
 from nnunet_jax.training import state as state_lib
-from nnunet_jax.training.state import TrainState
+from nnunet_jax.training.state import INITIAL_FP16_SCALE, TrainState
 
-SCALE_PERIOD = 2000  # finite fp16 steps before the loss scale doubles (PyTorch GradScaler's growth_interval)
-INITIAL_FP16_SCALE = 2.0**15
 # XLA's RngBitGenerator instead of threefry: compiling threefry for a U-Net's ~30 initialisers took minutes on
 # XLA:CPU (jax 0.12, measured: 20 normal draws 110-170 s vs 1 s), for no statistical benefit here.
 PRNG_IMPL = "rbg"
@@ -34,10 +33,6 @@ PRNG_IMPL = "rbg"
 def raw_key(seed: int) -> jax.Array:
     """The raw (uint32) data of the run's root key; the state stores raw data so Orbax sees plain arrays."""
     return jax.random.key_data(jax.random.key(seed, impl=PRNG_IMPL))
-
-
-def _variables(params: Any, batch_stats: Any) -> dict[str, Any]:
-    return {"params": params, "batch_stats": batch_stats} if batch_stats else {"params": params}
 
 
 def _init_fn(model: Any, tx: optax.GradientTransformation, input_shape: tuple[int, ...],
@@ -80,10 +75,9 @@ def make_train_step(model: Any, loss_fn: Callable, tx: optax.GradientTransformat
 
     def step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng, impl=PRNG_IMPL), state.step)
-        scale = state.loss_scale
 
         def loss_of(params: Any) -> tuple[jax.Array, tuple[jax.Array, Any]]:
-            variables = _variables(params, state.batch_stats)
+            variables = model_variables(params, state.batch_stats)
             if state.batch_stats:
                 out, updates = model.apply(variables, batch["image"], train=True, mutable=["batch_stats"],
                                            rngs={"dropout": key})
@@ -92,30 +86,25 @@ def make_train_step(model: Any, loss_fn: Callable, tx: optax.GradientTransformat
                 out = model.apply(variables, batch["image"], train=True, rngs={"dropout": key})
                 new_stats = state.batch_stats
             loss = loss_fn(out, batch["label"]).astype(jnp.float32)
-            return loss * scale, (loss, new_stats)
+            return loss, (loss, new_stats)
 
-        grads, (loss, new_stats) = jax.grad(loss_of, has_aux=True)(state.params)
-        if fp16:
-            grads = jax.tree.map(lambda g: g / scale, grads)
+        if fp16:  # flax's DynamicScale multiplies the loss and divides the gradients back
+            dyn, finite, (_, (loss, new_stats)), grads = state.dynamic_scale.value_and_grad(
+                loss_of, has_aux=True)(state.params)
+        else:
+            grads, (loss, new_stats) = jax.grad(loss_of, has_aux=True)(state.params)
+            dyn = state.dynamic_scale
         grad_norm = optax.tree.norm(grads)
-        finite = jnp.isfinite(grad_norm)
+        if not fp16:
+            finite = jnp.isfinite(grad_norm)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        if fp16:  # skip a non-finite step entirely and adapt the scale
+        if fp16:  # skip a non-finite step entirely (the scale has already been halved)
             keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
             params, opt_state, new_stats = (keep(params, state.params), keep(opt_state, state.opt_state),
                                             keep(new_stats, state.batch_stats))
-            good = jnp.where(finite, state.good_steps + 1, 0)
-            grow = good >= SCALE_PERIOD
-            new_scale = jnp.where(finite, jnp.where(grow, scale * 2.0, scale), jnp.maximum(scale / 2.0, 1.0))
-            good = jnp.where(grow, 0, good)
-        else:
-            new_scale, good = scale, state.good_steps
-        new_state = state.replace(
-            step=state.step + 1, params=params, batch_stats=new_stats, opt_state=opt_state,
-            loader_step=state.loader_step + 1, loss_sum=state.loss_sum + loss, loss_scale=new_scale,
-            good_steps=good,
-        )
+        new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_stats,
+                                  opt_state=opt_state, dynamic_scale=dyn)
         return new_state, {"loss": loss, "grad_norm": grad_norm, "finite": finite}
 
     repl = parallel.replicated(mesh)
@@ -123,20 +112,6 @@ def make_train_step(model: Any, loss_fn: Callable, tx: optax.GradientTransformat
                    donate_argnums=0)
 
 
-def make_eval_forward(model: Any) -> Callable[[dict, jax.Array], jax.Array]:
-    """Jitted ``forward(variables, x) -> fp32 logits`` (inference mode: main output only)."""
-
-    def forward(variables: dict, x: jax.Array) -> jax.Array:
-        out = model.apply(variables, x, train=False)
-        return (out[0] if isinstance(out, tuple | list) else out).astype(jnp.float32)
-
-    return jax.jit(forward)
-
-
 def eval_variables(state: TrainState) -> dict[str, Any]:
-    return _variables(state.params, state.batch_stats)
-
-
-def to_numpy_tree(tree: Any) -> Any:
-    """Host copy of a (replicated) pytree, valid in multi-process runs (reads this process's replica)."""
-    return jax.tree.map(lambda a: np.asarray(a.addressable_data(0)) if isinstance(a, jax.Array) else a, tree)
+    """The model variables of a train state (what the forward and the checkpoint reader take)."""
+    return model_variables(state.params, state.batch_stats)

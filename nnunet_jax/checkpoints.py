@@ -1,11 +1,16 @@
-"""Orbax checkpoints ``last`` and ``best`` under ``<results>/checkpoints``.
+"""A results folder's checkpoints: Orbax ``last`` and ``best`` under ``<results>/checkpoints``, and its
+``config.json``.
 
-Each is a ``CheckpointManager`` keeping one step: Orbax writes a step into a temporary directory and renames
-it when complete, and drops the older step only after that, so a crash while saving leaves the previous
-checkpoint usable (tests/test_training_checkpoint.py kills a process mid-save). Every save stores the whole
-:class:`TrainState` plus a small JSON ``meta`` (task, dim, fold, topology, epoch) that lets a run refuse
-another task's checkpoint. Restores always pass a target (shapes, dtypes, shardings), so optimizer namedtuples
-come back as namedtuples. ``close()`` waits for pending saves: the process never exits mid-write or hangs.
+Training writes and resumes them (:class:`Checkpoints`); prediction only reads the model variables back
+(:func:`restore_variables`) and the run's settings (:func:`read_run_settings`), without rebuilding the
+optimizer. Each checkpoint is a ``CheckpointManager`` keeping one step: Orbax writes a step into a temporary
+directory and renames it when complete, and drops the older step only after that, so a crash while saving
+leaves the previous checkpoint usable (tests/test_training_checkpoint.py kills a process mid-save). Every
+save stores the device train state (``nnunet_jax.training.state.TrainState``) plus a small JSON ``meta``: the
+run's identity (task, dim, fold, topology), its epoch and the host-side bookkeeping (``progress``: early
+stopping, plateau scheduler, loader position), so a run can refuse another task's checkpoint and resume
+exactly. Training restores pass a target (shapes, dtypes, shardings), so optimizer namedtuples come back as
+namedtuples. ``close()`` waits for pending saves: the process never exits mid-write or hangs.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from typing import Any
 import orbax.checkpoint as ocp
 
 KINDS = ("last", "best")
+CONFIG_FILE = "config.json"  # the run's settings (config, identity, plan), beside checkpoints/
 
 
 def _manager(path: Path) -> ocp.CheckpointManager:
@@ -112,5 +118,49 @@ def restore_path(path: str | Path, target: Any) -> tuple[Any, dict[str, Any]]:
                                  item_names=("state", "meta"))
     try:
         return restore_from(mngr, target, step)
+    finally:
+        mngr.close()
+
+
+def workdir_of(manager_dir: Path) -> Path:
+    """``<results>/checkpoints/<kind>`` → ``<results>``."""
+    return manager_dir.parent.parent if manager_dir.parent.name == "checkpoints" else manager_dir.parent
+
+
+def read_run_settings(path: str | Path) -> dict[str, Any] | None:
+    """``config.json`` of the run that wrote the checkpoint ``path`` names (``{"config", "identity", "plan",
+    ...}``), or None when the results folder has none."""
+    mdir, _ = resolve_ckpt_path(path)
+    settings = workdir_of(mdir) / CONFIG_FILE
+    if not settings.is_file():
+        return None
+    try:
+        return json.loads(settings.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{settings} is not valid JSON: {e}") from e
+
+
+def read_checkpoint_meta(path: str | Path) -> dict[str, Any]:
+    """The ``meta`` of the checkpoint ``path`` names, or of the run's newest ``last`` one; {} if none."""
+    mdir, step = resolve_ckpt_path(path)
+    return _meta_in(mdir, step) or {}
+
+
+def restore_variables(path: str | Path, template: Any) -> tuple[Any, dict[str, Any]]:
+    """Only the model variables (``params``, ``batch_stats``) of the checkpoint ``path`` names, restored into
+    ``template`` (a pytree of ``jax.ShapeDtypeStruct`` with shardings, as ``{"params": ..., "batch_stats":
+    ...}``); the optimizer state and counters stay on disk. Returns (variables, meta)."""
+    mdir, step = resolve_ckpt_path(path)
+    mngr = ocp.CheckpointManager(mdir, options=ocp.CheckpointManagerOptions(read_only=True),
+                                 item_names=("state", "meta"))
+    try:
+        step = mngr.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no finished checkpoint in {mdir}")
+        restore_args = ocp.checkpoint_utils.construct_restore_args(template)
+        out = mngr.restore(step, args=ocp.args.Composite(
+            state=ocp.args.PyTreeRestore(template, restore_args=restore_args, partial_restore=True),
+            meta=ocp.args.JsonRestore()))
+        return dict(out["state"]), dict(out["meta"])
     finally:
         mngr.close()
