@@ -207,11 +207,11 @@ ct_stats = planning.ct_statistics(dataset.training, dataset.label_values, datase
 print("CT statistics (p0.5, p99.5, mean, std):", [round(v, 2) for v in ct_stats])
 
 # %% [markdown]
-# The same in one call — this dictionary is what `plan.json` holds:
+# The same in one call — a `Plan`, whose `to_dict()` is what `plan.json` holds:
 
 # %%
 plan = planning.make_plan(dataset, DATASET.name, None, dim=3, progress=False)
-for key, value in plan.items():
+for key, value in plan.to_dict().items():
     if key not in ("cases", "source"):
         print(f"{key:>14}: {json.dumps(value)}")
 
@@ -228,11 +228,12 @@ for key, value in plan.items():
 # choose the patch yourself).
 
 # %%
+from nnunet_jax.plan import Plan  # noqa: E402
 from nnunet_jax.preprocessing.driver import preprocess_dataset  # noqa: E402
 
 prep = preprocess_dataset(WORK, str(DATASET), dim=3, results=RESULTS, exec_mode="training", progress=False)
-written_plan = json.loads((prep / "plan.json").read_text())
-print(prep, "patch", written_plan["patch_size"], "spacing", written_plan["spacing"])
+written_plan = Plan.load(prep)
+print(prep, "patch", list(written_plan.patch_size), "spacing", list(written_plan.spacing))
 x = np.load(prep / "organ_000_x.npy")
 print(f"organ_000 preprocessed: {x.shape} (C, Z, Y, X), mean {x.mean():.2f}, std {x.std():.2f}")
 
@@ -252,7 +253,7 @@ config.dim = 3
 config.data = str(prep)
 config.results = str(RUN)
 config.fold = FOLD
-levels = len(written_plan["topology"]["strides"])  # FILTERS must match the depth, else: doubled per level
+levels = written_plan.topology.depth  # FILTERS must match the depth, else: doubled per level
 config.filters = FILTERS if len(FILTERS) == levels else tuple(FILTERS[0] * 2**i for i in range(levels))
 config.learning_rate = LEARNING_RATE
 config.min_epochs = config.max_epochs = EPOCHS
@@ -274,7 +275,7 @@ from nnunet_jax.data.folds import split_cases  # noqa: E402
 from nnunet_jax.inference.predictor import Predictor, predict_inputs, save_prediction  # noqa: E402
 
 predictor = Predictor.from_checkpoints(RUN)
-_, val_cases = split_cases(written_plan["cases"]["training"], FOLD)
+_, val_cases = split_cases(written_plan.training_cases, FOLD)
 preds_val = RUN / "preds_val"
 predict_inputs(predictor, [DATASET / "imagesTr" / f"{c}.nii.gz" for c in val_cases], preds_val)
 report = scoring.evaluate_folders(preds_val, DATASET / "labelsTr", n_class=dataset.n_class)

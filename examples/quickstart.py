@@ -85,6 +85,7 @@ from nnunet_jax.configs.default import get_config  # noqa: E402
 from nnunet_jax.data.folds import split_cases  # noqa: E402
 from nnunet_jax.datasets.synthetic import generate  # noqa: E402
 from nnunet_jax.inference.predictor import Predictor, predict_inputs, save_prediction  # noqa: E402
+from nnunet_jax.plan import Plan  # noqa: E402
 from nnunet_jax.preprocessing.driver import preprocess_dataset  # noqa: E402
 from nnunet_jax.training.loop import train_and_evaluate  # noqa: E402
 
@@ -118,10 +119,11 @@ print(f"{dataset_json['numTraining']} training cases, {dataset_json['numTest']} 
 # %%
 prep = preprocess_dataset(DATA, "00", dim=3, results=RESULTS, exec_mode="training")
 val_dir = preprocess_dataset(DATA, "00", dim=3, results=RESULTS, exec_mode="val")
-plan = json.loads((prep / "plan.json").read_text())
+plan = Plan.load(prep)  # prep / "plan.json", read and checked
+shown = plan.to_dict()
 for key in ("patch_size", "spacing", "normalization", "n_class", "in_channels"):
-    print(f"{key:>14}: {plan[key]}")
-print(f"{'strides':>14}: {plan['topology']['strides']}")
+    print(f"{key:>14}: {shown[key]}")
+print(f"{'strides':>14}: {shown['topology']['strides']}")
 
 # %% [markdown]
 # ## 3. Train
@@ -157,7 +159,7 @@ print(f"best mean Dice during training: {summary['TOP_mean']:.2f} (epoch {summar
 
 # %%
 predictor = Predictor.from_checkpoints(RUN)  # the run folder: its best checkpoint
-_, val_cases = split_cases(plan["cases"]["training"], FOLD)
+_, val_cases = split_cases(plan.training_cases, FOLD)
 preds_val = RUN / "preds_val"
 predict_inputs(predictor, [val_dir], preds_val, cases=val_cases)
 
@@ -197,7 +199,7 @@ print(f"fold {FOLD} validation mean dice: {mean_dice:.4f}")
 # %%
 pictures = RUN / "pictures"
 curves = plots.plot_training_curves(RUN / "logs.json", pictures / "curves.png")
-names = {int(k): v for k, v in plan["labels"].items()}
+names = {int(k): v for k, v in plan.labels.items()}
 overlays = [
     plots.overlay_files(task_dir / "imagesTr" / f"{case}.nii.gz", preds_val / f"{case}.nii.gz",
                             pictures / f"{case}_overlay.png", label=task_dir / "labelsTr" / f"{case}.nii.gz",

@@ -13,6 +13,7 @@ import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from numbers import Real
 from pathlib import Path
 from typing import Any
 
@@ -121,7 +122,7 @@ class Plan:
 
         def integer(key: str, low: int) -> int:
             v = d[key]
-            if isinstance(v, bool) or not isinstance(v, int | float) or int(v) != v or v < low:
+            if isinstance(v, bool) or not isinstance(v, Real) or int(v) != v or v < low:
                 raise fail(key, f"must be an integer >= {low}, got {v!r}")
             return int(v)
 
@@ -130,7 +131,7 @@ class Plan:
             if v is None:
                 return None
             ok = isinstance(v, Sequence) and not isinstance(v, str) and all(
-                isinstance(x, int | float) and not isinstance(x, bool) for x in v)
+                isinstance(x, Real) and not isinstance(x, bool) for x in v)
             if not ok or (n is not None and len(v) != n):
                 raise fail(key, f"must be a list of {n if n is not None else 'some'} numbers, got {v!r}")
             if kind is int and any(int(x) != x or x < 1 for x in v):

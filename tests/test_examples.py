@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from nnunet_jax.data.folds import split_cases
+from nnunet_jax.plan import Plan
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"EPOCHS": "1", "CASES": "5", "TEST_CASES": "1", "FILTERS": "4,8,16,32"}
@@ -135,7 +136,7 @@ def test_custom_dataset(tmp_path):
     expected[0] = np.percentile(spacings[:, 0], 10)
     assert expected[0] < median[0]  # the rule changes something here
     np.testing.assert_allclose(plan["spacing"], expected, rtol=1e-6)
-    assert plan["anisotropic"] is True
+    assert Plan.from_dict(plan).anisotropic is True
 
     # Topology of docs/reference.md §1 for patch 12×48×48 at 2.7×0.8×0.8 mm (worked by hand): Z is too coarse
     # for a 3-kernel and a stride at first; strides stop when Z < 8 voxels and Y, X < 8.

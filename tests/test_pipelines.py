@@ -414,33 +414,6 @@ def test_2d_block_sampling(tmp_path):
     assert set(zs[:, 0].astype(int)) == set(range(7))  # every block start 0..depth-block occurs
 
 
-def test_eval_and_benchmark_pipelines(tmp_path):
-    _dali()
-    from nnunet_jax.data.loader import make_eval_iterator
-    from nnunet_jax.data.pipelines import benchmark_pipeline
-
-    rng = np.random.default_rng(0)
-    imgs = {f"c{i}": rng.random((2, 5 + i, 7, 9)) for i in range(3)}
-    labs = {c: (x[:1] > 0.5) for c, x in imgs.items()}
-    ds = PreprocessedDataset.open(write_dataset(tmp_path / "ev", imgs, labs, patch=(6, 6, 6)))
-    seen = list(make_eval_iterator(ds, ds.training))
-    assert [c.name for c in seen] == ["c0", "c1", "c2"]
-    for c in seen:  # whole volumes, channels-last, unchanged
-        np.testing.assert_array_equal(c.image, to_channels_last(imgs[c.name].astype(np.float32)))
-        np.testing.assert_array_equal(c.label, to_channels_last(labs[c.name].astype(np.uint8)))
-    shards = [
-        [c.name for c in make_eval_iterator(ds, ds.training, shard_index=i, num_shards=2)] for i in (0, 1)
-    ]
-    assert sorted(shards[0] + shards[1]) == ["c0", "c1", "c2"] and not set(shards[0]) & set(shards[1])
-    assert next(make_eval_iterator(ds, ["c1"], with_labels=False)).label is None
-
-    pipe = benchmark_pipeline([ds.image_path("c2")], [ds.label_path("c2")], (6, 6, 6), batch_size=2)
-    img, _ = run_batches(pipe, 1)  # centre crop of (7, 7, 9): anchor (0, 0, 1), Z padded by one after
-    expect = np.zeros((6, 6, 6, 2), np.float32)
-    expect[:] = to_channels_last(imgs["c2"].astype(np.float32))[0:6, 0:6, 1:7]
-    np.testing.assert_array_equal(img[0], expect)
-
-
 # ------------------------------------------------------------------------------------- sharded loader
 
 
@@ -521,7 +494,7 @@ def test_resume_equals_uninterrupted(ds3d, mesh):
 
 def test_2d_iterator_yields_slices(tmp_path, mesh):
     _dali()
-    from nnunet_jax.data.loader import make_benchmark_iterator, make_train_iterator
+    from nnunet_jax.data.loader import make_train_iterator
 
     ds = _write_2d(tmp_path, n_cases=4)
     it = make_train_iterator(ds, ds.training, mesh, batch_size=16, nvol=2, seed=0, epoch=0)
@@ -530,8 +503,5 @@ def test_2d_iterator_yields_slices(tmp_path, mesh):
     assert b["image"].shape == (16, 8, 8, 2) and b["label"].shape == (16, 8, 8, 1)
     case = np.asarray(b["image"][:, 0, 0, 1])
     assert (case[:8] == case[0]).all() and (case[8:] == case[8]).all()  # two blocks of 8 slices
-    bench = make_benchmark_iterator(ds, ds.training, mesh, batch_size=8, steps=3)
-    got = list(bench)
-    assert len(got) == 3 and got[0]["image"].shape == (8, 8, 8, 2)
     with pytest.raises(ValueError, match="multiple"):
         make_train_iterator(ds, ds.training, mesh, batch_size=12, nvol=2, seed=0, epoch=0)

@@ -11,6 +11,7 @@ import pytest
 
 from nnunet_jax.datasets.synthetic import generate
 from nnunet_jax.io import DatasetError
+from nnunet_jax.plan import Plan
 from nnunet_jax.planning.dataset_json import find_task_dir, load_dataset
 from nnunet_jax.planning.planner import (
     check_patch_fits,
@@ -104,7 +105,7 @@ def test_custom_ct_dataset_plan(tmp_path):
     images, labels = _ct_dataset(root)
     task_dir, info = find_task_dir(tmp_path / "elsewhere", str(root))
     assert task_dir == root and info is None
-    plan = make_plan(load_dataset(task_dir), "TinyCT", None, 3, progress=False)
+    plan = make_plan(load_dataset(task_dir), "TinyCT", None, 3, progress=False).to_dict()
     fg = np.concatenate([im[lb > 0] for im, lb in zip(images, labels, strict=True)]).astype(np.float64)
     expected = [np.percentile(fg, 0.5), np.percentile(fg, 99.5), fg.mean(), fg.std()]
     assert plan["normalization"] == "CT"
@@ -112,7 +113,7 @@ def test_custom_ct_dataset_plan(tmp_path):
     # Z spacings 2.5, 3, 3.5, 5 → median 3.25 vs in-plane ~0.77: anisotropic, Z → 10th percentile 2.65.
     assert plan["spacing"][0] == pytest.approx(np.percentile([2.5, 3.0, 3.5, 5.0], 10))
     assert plan["spacing"][1:] == pytest.approx([np.median([0.7, 0.75, 0.8, 0.85])] * 2)
-    assert plan["anisotropic"] is True
+    assert Plan.from_dict(plan).anisotropic is True and "anisotropic" not in plan  # derived, not stored
     assert plan["topology"] == plan_topology(plan["patch_size"], plan["spacing"]).to_dict()
     assert plan["source"]["patch_size"] == "planned from the median shape"
     assert plan["n_class"] == 2 and plan["in_channels"] == 1 and plan["cases"]["training"][0] == "ct_0"
@@ -133,22 +134,23 @@ def test_msd_table_plan_and_overrides(tmp_path):
     generate(tmp_path, cases=3, test_cases=1, seed=0)
     task_dir, info = find_task_dir(tmp_path, "0")
     ds = load_dataset(task_dir)
-    plan = make_plan(ds, "00", info, 3, progress=False)
+    plan = make_plan(ds, "00", info, 3, progress=False).to_dict()
     assert plan["patch_size"] == [32, 32, 32] and plan["spacing"] == [1.0, 1.0, 1.0]
     assert plan["labels"] == {"0": "background", "1": "oedema", "2": "core"} and plan["n_class"] == 3
     assert plan["modalities"] == {"0": "T1", "1": "T2"} and plan["in_channels"] == 2
-    assert plan["normalization"] == "MRI" and plan["ct_stats"] is None and plan["anisotropic"] is False
+    assert plan["normalization"] == "MRI" and plan["ct_stats"] is None
+    assert Plan.from_dict(plan).anisotropic is False
     assert plan["topology"]["strides"] == [[1, 1, 1], [2, 2, 2], [2, 2, 2], [2, 2, 2]]
     assert plan["cases"] == {"training": ["synth_000", "synth_001", "synth_002"], "test": ["synth_003"]}
-    plan2d = make_plan(ds, "00", info, 2, progress=False)
+    plan2d = make_plan(ds, "00", info, 2, progress=False).to_dict()
     assert plan2d["patch_size"] == [32, 32] and plan2d["spacing"] == [1.0, 1.0]
     assert plan2d["topology"]["strides"][0] == [1, 1]
-    custom = make_plan(ds, "00", info, 3, patch_size=[16, 24, 16], progress=False)
+    custom = make_plan(ds, "00", info, 3, patch_size=[16, 24, 16], progress=False).to_dict()
     assert custom["patch_size"] == [16, 24, 16] and custom["source"]["patch_size"] == "--patch_size"
     with pytest.raises(DatasetError, match="3 positive values"):
         make_plan(ds, "00", info, 3, patch_size=[16, 16], progress=False)
     # The same folder as a custom dataset: spacing from the data, patch planned.
-    own = make_plan(ds, "Task00_Synthetic", None, 3, progress=False)
+    own = make_plan(ds, "Task00_Synthetic", None, 3, progress=False).to_dict()
     assert own["spacing"] == pytest.approx([1.0, 1.0, 1.0])  # medians of (1|1.5, 1|1.2, 1|1.2)
     factor = np.prod(np.array(own["topology"]["strides"]), axis=0)
     assert all(p % f == 0 for p, f in zip(own["patch_size"], factor, strict=True))
@@ -192,7 +194,7 @@ def ct_body_dataset(root, air: float = -1000.0):
 
 def test_ct_patch_planned_from_cropped_shapes(tmp_path):
     ds = load_dataset(ct_body_dataset(tmp_path / "BodyCT"))
-    plan = make_plan(ds, "BodyCT", None, 3, progress=False)
+    plan = make_plan(ds, "BodyCT", None, 3, progress=False).to_dict()
     # Target spacing: medians (1.6, 0.8, 0.8), ratio 2 < 3. Cropped and resampled shapes (docstring):
     # 16×40×40, 20×44×36, 16×48×46 → median 16×44×40 (the uncropped median would be 20×64×64, and a
     # patch of 64 in-plane fits no case). Topology at 1.6×0.8×0.8 mm: strides 2,2,2 then 2,2,2 (Z 8 → 4),
@@ -209,9 +211,10 @@ def test_ct_patch_planned_from_cropped_shapes(tmp_path):
     fg = np.concatenate(fg)
     np.testing.assert_allclose(plan["ct_stats"], [*np.percentile(fg, [0.5, 99.5]), fg.mean(), fg.std()],
                                rtol=1e-5)
-    assert make_plan(ds, "BodyCT", None, 3, n_jobs=2, progress=False) == plan  # one pass in 2 processes
+    # one pass in 2 processes
+    assert make_plan(ds, "BodyCT", None, 3, n_jobs=2, progress=False).to_dict() == plan
     # 2D: cropped (Y, X) slices 40×40, 44×36, 48×46 → median 44×40 → three halvings → 40×40.
-    plan2d = make_plan(ds, "BodyCT", None, 2, progress=False)
+    plan2d = make_plan(ds, "BodyCT", None, 2, progress=False).to_dict()
     assert plan2d["median_shape"] == [44.0, 40.0] and plan2d["patch_size"] == [40, 40]
     assert plan2d["spacing"] == [0.8, 0.8]
     # A given patch is checked against the cropped shapes (largest 20×48×46), not the 64×64 headers.

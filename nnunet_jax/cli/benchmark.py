@@ -14,7 +14,6 @@ from nnunet_jax.platform import configure_xla_flags
 
 configure_xla_flags()  # before JAX starts (oneDNN convolutions on CPU)
 
-import json  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -51,17 +50,18 @@ def define_flags() -> None:
 def _spec(batch_size: int):
     from nnunet_jax.benchmarking import BenchSpec
     from nnunet_jax.configs.tasks import get_task
-    from nnunet_jax.planning.topology import Topology, plan_topology
+    from nnunet_jax.planning.topology import plan_topology
 
     dim = FLAGS.dim
     in_channels, n_class, topo = FLAGS.in_channels, FLAGS.n_class, None
     if FLAGS.data:
-        plan = json.loads((Path(FLAGS.data) / "plan.json").read_text())
-        if int(plan["dim"]) != dim:
-            raise ValueError(f"--data {FLAGS.data} was preprocessed for {plan['dim']}D, not --dim {dim}")
-        patch, spacing = plan["patch_size"], plan["spacing"]
-        in_channels, n_class = int(plan["in_channels"]), int(plan["n_class"])
-        topo = Topology.from_dict(plan["topology"]) if plan.get("topology") else None
+        from nnunet_jax.plan import Plan  # only here: it imports nibabel (nnunet_jax.io)
+
+        plan = Plan.load(FLAGS.data)
+        if plan.dim != dim:
+            raise ValueError(f"--data {FLAGS.data} was preprocessed for {plan.dim}D, not --dim {dim}")
+        patch, spacing = plan.patch_size, plan.spacing
+        in_channels, n_class, topo = plan.in_channels, plan.n_class, plan.topology
     else:
         task = get_task(FLAGS.task)
         if task is None:

@@ -7,7 +7,6 @@
 Class colours are fixed per label value and named after the plan's (dataset.json's) labels.
 """
 
-import json
 import sys
 
 from absl import app, flags
@@ -33,17 +32,14 @@ def main(argv: list[str]) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from nnunet_jax import plots
+    from nnunet_jax.plan import Plan
 
     try:
         if FLAGS.logs:
-            names = None
-            if FLAGS.plan:
-                names = {str(k): v for k, v in json.load(open(FLAGS.plan)).get("labels", {}).items()}
+            names = Plan.load(FLAGS.plan).labels if FLAGS.plan else None
             out = plots.plot_training_curves(FLAGS.logs, FLAGS.out, names)
         elif FLAGS.image and FLAGS.pred:
-            names = None
-            if FLAGS.plan:
-                names = {int(k): v for k, v in json.load(open(FLAGS.plan)).get("labels", {}).items()}
+            names = {int(k): v for k, v in Plan.load(FLAGS.plan).labels.items()} if FLAGS.plan else None
             out = plots.overlay_files(FLAGS.image, FLAGS.pred, FLAGS.out, FLAGS.label, names,
                                           FLAGS.slices)
         else:

@@ -6,7 +6,7 @@ Axis order of patch sizes and spacings is the on-disk order (Z, Y, X).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
@@ -20,7 +20,6 @@ class TaskInfo:
     patch_2d: tuple[int, int]
     ct_stats: tuple[float, float, float, float] | None = None  # (min, max, mean, std) after clipping
     url: str | None = None
-    extra: dict = field(default_factory=dict)
 
     @property
     def spacing_2d(self) -> tuple[float, float]:

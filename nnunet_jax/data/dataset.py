@@ -7,20 +7,16 @@ here with the file named instead of deep inside a DALI pipeline.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from nnunet_jax.data.folds import split_cases
 from nnunet_jax.io import DatasetError
+from nnunet_jax.plan import IMAGE_SUFFIX, PLAN_FILE, Plan, case_of, image_file, label_file, meta_file
 
 __all__ = ["DatasetError", "PreprocessedDataset"]
-
-PLAN_FILE = "plan.json"
-_REQUIRED_PLAN_KEYS = ("dim", "patch_size", "n_class", "in_channels")
 
 
 
@@ -30,7 +26,7 @@ class PreprocessedDataset:
     """Cases and plan of one preprocessed directory; paths are absolute."""
 
     root: Path
-    plan: dict[str, Any]
+    plan: Plan
     training: tuple[str, ...]
     test: tuple[str, ...]
 
@@ -45,56 +41,47 @@ class PreprocessedDataset:
         plan_path = root / PLAN_FILE
         if not plan_path.is_file():
             raise DatasetError(f"{plan_path} is missing: {root} is not a preprocessed dataset")
-        try:
-            plan = json.loads(plan_path.read_text())
-        except json.JSONDecodeError as e:
-            raise DatasetError(f"{plan_path} is not valid JSON: {e}") from e
-        missing = [k for k in _REQUIRED_PLAN_KEYS if k not in plan]
-        if missing:
-            raise DatasetError(f"{plan_path} lacks the keys {missing}")
-        if plan["dim"] not in (2, 3) or len(plan["patch_size"]) != plan["dim"]:
-            raise DatasetError(f"{plan_path}: dim {plan['dim']} and patch_size {plan['patch_size']} disagree")
-        listed = plan.get("cases") or {}
-        on_disk = sorted(p.name[: -len("_x.npy")] for p in root.glob("*_x.npy"))
-        if "training" in listed or "test" in listed:
-            training, test = list(listed.get("training", [])), list(listed.get("test", []))
+        plan = Plan.load(plan_path)
+        on_disk = sorted(case_of(p) for p in root.glob(f"*{IMAGE_SUFFIX}"))
+        if plan.cases is not None and ("training" in plan.cases or "test" in plan.cases):
+            training, test = list(plan.cases.get("training", [])), list(plan.cases.get("test", []))
         else:  # an older plan without a case list: every case with a label is a training case
-            training = [c for c in on_disk if (root / f"{c}_y.npy").is_file()]
+            training = [c for c in on_disk if (root / label_file(c)).is_file()]
             test = [c for c in on_disk if c not in training]
         # Test cases are preprocessed separately into <root>/test (exec_mode test); only training cases must
         # be here. The plan's test list names the cases a later `--exec_mode test` run will write.
-        absent = [c for c in training if not (root / f"{c}_x.npy").is_file()]
+        absent = [c for c in training if not (root / image_file(c)).is_file()]
         if absent:
             raise DatasetError(
                 f"{root}: plan.json lists cases without an image file: "
-                f"{', '.join(f'{c}_x.npy' for c in absent[:5])}" + (" ..." if len(absent) > 5 else "")
+                f"{', '.join(image_file(c) for c in absent[:5])}" + (" ..." if len(absent) > 5 else "")
             )
         return cls(root, plan, tuple(sorted(training)), tuple(sorted(test)))
 
     @property
     def dim(self) -> int:
-        return int(self.plan["dim"])
+        return self.plan.dim
 
     @property
     def patch_size(self) -> tuple[int, ...]:
-        return tuple(int(p) for p in self.plan["patch_size"])
+        return self.plan.patch_size
 
     @property
     def n_class(self) -> int:
-        return int(self.plan["n_class"])
+        return self.plan.n_class
 
     @property
     def in_channels(self) -> int:
-        return int(self.plan["in_channels"])
+        return self.plan.in_channels
 
     def image_path(self, case: str) -> Path:
-        return self.root / f"{case}_x.npy"
+        return self.root / image_file(case)
 
     def label_path(self, case: str) -> Path:
-        return self.root / f"{case}_y.npy"
+        return self.root / label_file(case)
 
     def meta_path(self, case: str) -> Path:
-        return self.root / f"{case}_meta.npy"
+        return self.root / meta_file(case)
 
     def check_labels(self, cases: list[str] | tuple[str, ...]) -> None:
         """Raise :class:`DatasetError` naming the cases whose label file is missing or mismatched."""

@@ -15,8 +15,8 @@ Batches: 3D ``image`` ``(B, Z, Y, X, C)`` float32, ``label`` ``(B, Z, Y, X, 1)``
 ``(B, Y, X, 1)`` where the B = ``batch_size`` slices are ``nvol`` blocks of ``batch_size // nvol``
 contiguous slices. ``batch_size`` and ``nvol`` are *global* (all devices, all processes together).
 
-Single process: ``jax.device_put`` with ``NamedSharding(mesh, P("data"))``; several processes: each builds
-its local part and ``jax.make_array_from_process_local_data`` assembles the global array. The pipeline runs
+Each process builds its local part and :func:`nnunet_jax.parallel.global_batch` assembles the global array
+(``jax.make_array_from_process_local_data``, split on the mesh's ``data`` axis). The pipeline runs
 on the process's first local GPU when there is one (DALI GPU operators), else on the CPU; its output goes
 through host memory on the way to the devices (the DALI JAX plugin's sharded iterator would avoid that on
 GPUs, but it needs one GPU pipeline per device; a later optimisation).
@@ -26,17 +26,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
+from nnunet_jax import parallel
 from nnunet_jax.data.dataset import DatasetError, PreprocessedDataset
-from nnunet_jax.data.pipelines import AugmentConfig, benchmark_pipeline, eval_pipeline, train_pipeline
-
-DATA_AXIS = "data"
+from nnunet_jax.data.pipelines import AugmentConfig, train_pipeline
 
 
 def volumes_per_step(dim: int, batch_size: int, nvol: int = 1) -> int:
@@ -79,15 +77,6 @@ def default_device_id() -> int | None:
     return int(dev.local_hardware_id) if dev.platform == "gpu" else None
 
 
-def to_global(local: np.ndarray, mesh: Mesh) -> jax.Array:
-    """A process-local batch → global array sharded along axis 0 over the mesh's ``"data"`` axis."""
-    sharding = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
-    if jax.process_count() == 1:
-        return jax.device_put(local, sharding)
-    global_shape = (local.shape[0] * jax.process_count(), *local.shape[1:])
-    return jax.make_array_from_process_local_data(sharding, local, global_shape)
-
-
 def _host(tl: Any) -> np.ndarray:
     from nvidia.dali.backend import TensorListGPU
 
@@ -95,7 +84,7 @@ def _host(tl: Any) -> np.ndarray:
 
 
 def _check_batch(dim: int, batch_size: int, nvol: int, mesh: Mesh) -> None:
-    n_data = mesh.shape[DATA_AXIS]
+    n_data = mesh.shape[parallel.DATA_AXIS]
     if batch_size < 1 or batch_size % n_data:
         raise ValueError(f"global batch {batch_size} is not a positive multiple of the {n_data} data devices")
     per_step = volumes_per_step(dim, batch_size, nvol)
@@ -145,7 +134,7 @@ class ShardedBatches:
         return {"image": image, "label": label}
 
     def __next__(self) -> dict[str, jax.Array]:
-        return {k: to_global(v, self._mesh) for k, v in self.next_local().items()}
+        return parallel.global_batch(self.next_local(), self._mesh)
 
 
 def make_train_iterator(
@@ -187,79 +176,3 @@ def make_train_iterator(
         prefetch=prefetch,
     )
     return ShardedBatches(pipe, mesh, len(order), start_step, slices_2d=dim == 2)
-
-
-def make_benchmark_iterator(
-    dataset: PreprocessedDataset,
-    cases: Sequence[str],
-    mesh: Mesh,
-    *,
-    batch_size: int,
-    steps: int | None = None,
-    nvol: int = 1,
-    device_id: int | None | str = "auto",
-    num_threads: int = 2,
-    prefetch: int = 2,
-) -> ShardedBatches:
-    """Patch-sized centre crops of the cases in turn, no augmentation; ``steps=None`` is endless."""
-    dim = dataset.dim
-    _check_batch(dim, batch_size, nvol, mesh)
-    cases = sorted(cases)
-    mine = cases[jax.process_index() :: jax.process_count()] or cases
-    images, labels = _files(dataset, mine)
-    pipe = benchmark_pipeline(
-        images,
-        labels,
-        dataset.patch_size,
-        batch_size=volumes_per_step(dim, batch_size, nvol) // jax.process_count(),
-        block=batch_size // nvol if dim == 2 else None,
-        device_id=default_device_id() if device_id == "auto" else device_id,
-        num_threads=num_threads,
-        prefetch=prefetch,
-    )
-    return ShardedBatches(pipe, mesh, steps, slices_2d=dim == 2)
-
-
-@dataclass(frozen=True)
-class EvalCase:
-    """One whole preprocessed case, channels-last: image ``(Z, Y, X, C)``, label ``(Z, Y, X, 1)`` or None."""
-
-    name: str
-    image: np.ndarray
-    label: np.ndarray | None
-
-
-def make_eval_iterator(
-    dataset: PreprocessedDataset,
-    cases: Sequence[str],
-    *,
-    with_labels: bool = True,
-    shard_index: int | None = None,
-    num_shards: int | None = None,
-    device_id: int | None | str = None,
-    num_threads: int = 2,
-) -> Iterator[EvalCase]:
-    """Whole volumes one by one (batch 1, no augmentation), on host memory for the sliding window.
-
-    With several processes each takes every ``num_shards``-th case of the sorted list (defaults: this
-    process's index and the process count).
-    """
-    shard_index = jax.process_index() if shard_index is None else shard_index
-    num_shards = jax.process_count() if num_shards is None else num_shards
-    mine = sorted(cases)[shard_index::num_shards]
-    if not mine:
-        return
-    if with_labels:
-        images, labels = _files(dataset, mine)
-    else:
-        images, labels = [str(dataset.image_path(c)) for c in mine], None
-    pipe = eval_pipeline(
-        images,
-        labels,
-        device_id=default_device_id() if device_id == "auto" else device_id,
-        num_threads=num_threads,
-    )
-    for name in mine:
-        out = pipe.run()
-        image = _host(out[0])[0]
-        yield EvalCase(name, image, _host(out[1])[0] if with_labels else None)

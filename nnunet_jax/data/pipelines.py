@@ -1,4 +1,4 @@
-"""DALI pipelines: training (docs/reference.md §6), evaluation (whole volumes) and benchmark (centre crops).
+"""DALI pipelines: the training pipeline (docs/reference.md §6): foreground-biased crops and augmentations.
 
 All pipelines read the on-disk ``(C, Z, Y, X)`` arrays with ``fn.readers.numpy`` from an explicit file list
 (the caller decides the order, which is what makes epochs reproducible and resumable, see ``loader.py``)
@@ -241,63 +241,6 @@ def train_pipeline(
         img, lbl = _channels_last(img, layout), _channels_last(lbl, layout)
         img, lbl = _to_device(img, device_id), _to_device(lbl, device_id)
         return _augment(img, lbl, list(patch), aug, frames)
-
-    p = pipe()
-    p.build()
-    return p
-
-
-def eval_pipeline(
-    image_files: Sequence[str | Path],
-    label_files: Sequence[str | Path] | None = None,
-    *,
-    device_id: int | None = None,
-    num_threads: int = 2,
-) -> Any:
-    """Whole volumes, batch 1, no augmentation: ``image`` ``(Z, Y, X, C)`` (+ ``label`` ``(Z, Y, X, 1)``)."""
-    dali = _dali()
-
-    @dali.pipeline_def(**_common(1, device_id, 0, num_threads, 2))
-    def pipe():
-        img = _to_device(_channels_last(_read(image_files, "image_reader"), "DHWC"), device_id)
-        if label_files is None:
-            return img
-        return img, _to_device(_channels_last(_read(label_files, "label_reader"), "DHWC"), device_id)
-
-    p = pipe()
-    p.build()
-    return p
-
-
-def benchmark_pipeline(
-    image_files: Sequence[str | Path],
-    label_files: Sequence[str | Path],
-    patch: Sequence[int],
-    *,
-    batch_size: int,
-    block: int | None = None,
-    device_id: int | None = None,
-    num_threads: int = 2,
-    prefetch: int = 2,
-) -> Any:
-    """Patch-sized centre crops (zero-padded where the volume is smaller), no augmentation."""
-    dali = _dali()
-    from nvidia.dali import fn, types
-
-    frames = block is not None
-    crop_shape = [block, *patch] if frames else list(patch)
-
-    @dali.pipeline_def(**_common(batch_size, device_id, 0, num_threads, prefetch))
-    def pipe():
-        img, lbl = _read(image_files, "image_reader"), _read(label_files, "label_reader")
-        shape = fn.cast(lbl[0].shape(), dtype=types.INT64)
-        anchor = (shape - types.Constant(crop_shape, dtype=types.INT64)) // 2
-        img, lbl = _crop_at(img, lbl, anchor, crop_shape)
-        layout = "FHWC" if frames else "DHWC"
-        return (
-            _to_device(_channels_last(img, layout), device_id),
-            _to_device(_channels_last(lbl, layout), device_id),
-        )
 
     p = pipe()
     p.build()

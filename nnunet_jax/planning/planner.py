@@ -39,11 +39,11 @@ from tqdm import tqdm
 
 from nnunet_jax.configs.tasks import TaskInfo
 from nnunet_jax.io import DatasetError, load_case, nifti_spacing
+from nnunet_jax.plan import ANISOTROPY_RATIO, Plan
 from nnunet_jax.planning.dataset_json import CaseFiles, Dataset
 from nnunet_jax.planning.topology import get_kernels_strides, plan_topology
 from nnunet_jax.preprocessing.case import needs_resampling, nonzero_box, target_shape
 
-ANISOTROPY_RATIO = 3.0
 VOXEL_BUDGET = {3: 128**3, 2: 512**2}
 
 
@@ -177,12 +177,13 @@ def median_target_spacing(spacings: np.ndarray) -> tuple[list[float], bool]:
     return [float(s) for s in target], anisotropic
 
 
-def resampled_shape(shape: Sequence[int], spacing: Sequence[float], target: Sequence[float]) -> list[int]:
+def resampled_shape(shape: Sequence[int], spacing: Sequence[float], target: Sequence[float],
+                    case: str = "?") -> list[int]:
     """The 3D shape preprocessing resamples ``shape`` to: int(spacing / target · shape), truncating, or
     ``shape`` itself when the spacings agree to float32 precision (no resampling then)."""
     if not needs_resampling(spacing, target):
         return [int(s) for s in shape]
-    return list(target_shape(shape, spacing, target))
+    return list(target_shape(shape, spacing, target, case))
 
 
 def tidy_spacing(target: Sequence[float], spacings: np.ndarray,
@@ -306,11 +307,7 @@ def _planned_shapes(names: Sequence[str], shapes: Sequence[Sequence[int]], spaci
         if dim == 2:  # slices are not resampled (docs/reference.md §5.5)
             out[name] = [int(v) for v in shape[1:]]
             continue
-        new = resampled_shape(shape, sp, target)
-        if min(new) < 1:
-            raise DatasetError(f"case {name!r}: resampling its shape {list(shape)} at {list(sp)} mm to "
-                               f"{list(target)} mm gives an empty shape {new}")
-        out[name] = new
+        out[name] = resampled_shape(shape, sp, target, name)
     return out
 
 
@@ -322,8 +319,8 @@ def make_plan(
     patch_size: Sequence[int] | None = None,
     n_jobs: int = 1,
     progress: bool = True,
-) -> dict:
-    """The plan.json dictionary for ``dataset`` (see docs/CONTRACTS.md); table values for MSD tasks.
+) -> Plan:
+    """The :class:`~nnunet_jax.plan.Plan` of ``dataset`` (see docs/CONTRACTS.md); table values for MSD tasks.
 
     Raises DatasetError when the patch (planned, given or from the table) is larger than every training
     case along some axis: with the training images read (custom datasets, ``patch_size`` given, CT
@@ -382,7 +379,7 @@ def make_plan(
             source["ct_stats"] = "foreground voxels of the training images"
 
     topology = plan_topology(patch, spacing)
-    return {
+    return Plan.from_dict({
         "task": task,
         "task_name": dataset.root.name,
         "dim": dim,
@@ -395,8 +392,7 @@ def make_plan(
         "normalization": "CT" if dataset.is_ct else "MRI",
         "ct_stats": ct_stats,
         "topology": topology.to_dict(),
-        "anisotropic": bool(max(spacing) / min(spacing) >= ANISOTROPY_RATIO),
         "cases": {"training": names, "test": [c.name for c in dataset.test]},
         "median_shape": [float(v) for v in median_shape],
         "source": {"data": str(dataset.root), **source},
-    }
+    }, where=f"the plan of {dataset.root}")

@@ -17,13 +17,15 @@ In test mode nothing is padded or cropped, in 2D and in 3D.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
 
 import numpy as np
 
 from nnunet_jax.atomic import save_npy
+from nnunet_jax.io import DatasetError
+from nnunet_jax.plan import ANISOTROPY_RATIO
 from nnunet_jax.preprocessing.resample import resample_image, resample_label, resize_slabs, slab_window_rows
 
 __all__ = [
@@ -148,15 +150,23 @@ def crop_to_nonzero(image: np.ndarray, label: np.ndarray | None = None, case: st
 
 
 def is_anisotropic(spacing, target) -> bool:
-    """The reference's rule: max/min spacing ≥ 3 for the source or the target spacing."""
+    """The reference's rule: max/min spacing ≥ ANISOTROPY_RATIO (3) for the source or the target spacing."""
     ratios = [float(np.max(s) / np.min(s)) for s in (np.asarray(spacing, float), np.asarray(target, float))]
-    return max(ratios) >= 3
+    return max(ratios) >= ANISOTROPY_RATIO
 
 
-def target_shape(shape, spacing, target) -> tuple[int, ...]:
-    """new_shape = int(spacing / target · shape) (truncation, as the reference)."""
+def target_shape(shape, spacing, target, case: str = "?") -> tuple[int, ...]:
+    """new_shape = int(spacing / target · shape) (truncation, as the reference); a case that would resample
+    to nothing along an axis is a DatasetError (planning and preprocessing both ask here)."""
     ratio = np.asarray(spacing, np.float64) / np.asarray(target, np.float64)
-    return tuple(int(v) for v in (ratio * np.asarray(shape)).astype(int))
+    new = tuple(int(v) for v in (ratio * np.asarray(shape)).astype(int))
+    if min(new) < 1:
+        def show(values: Sequence) -> list:
+            return [v.item() if hasattr(v, "item") else v for v in values]
+
+        raise DatasetError(f"case {case!r}: resampling its shape {show(shape)} at {show(spacing)} mm to "
+                           f"{show(target)} mm gives an empty shape {list(new)}")
+    return new
 
 
 def needs_resampling(spacing, target) -> bool:
@@ -294,10 +304,7 @@ def preprocess_case(
         if len(target) != 3:
             raise ValueError(f"case {case!r}: 3D target spacing needs 3 values, got {target}")
         if needs_resampling(spacing, target):
-            new_shape = target_shape(cropped_shape, spacing, target)
-            if min(new_shape) < 1:
-                raise ValueError(f"case {case!r}: resampling {cropped_shape} at {spacing} mm to {target} mm "
-                                 f"gives an empty shape {new_shape}")
+            new_shape = target_shape(cropped_shape, spacing, target, case)
             aniso = is_anisotropic(spacing, target)
             image = resample_image(image, new_shape, aniso, workers=workers)
             if label is not None:

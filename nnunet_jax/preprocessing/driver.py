@@ -17,7 +17,6 @@ renamed into place only after every case succeeded; on any error (bad case, Ctrl
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from collections.abc import Sequence
@@ -26,8 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-from nnunet_jax.atomic import make_temp_dir, replace_dir, save_npy, write_json
+from nnunet_jax.atomic import make_temp_dir, replace_dir, save_npy
 from nnunet_jax.io import DatasetError, load_case
+from nnunet_jax.plan import PLAN_FILE, Plan, folder_name
 from nnunet_jax.planning.dataset_json import CaseFiles, Dataset, find_task_dir, load_dataset
 from nnunet_jax.planning.planner import check_patch_fits, make_plan, parallel_map
 
@@ -83,16 +83,16 @@ def process_case(job: CaseJob) -> dict:
 def output_dir(results: str | os.PathLike, task_dir: Path, task_number: str | None, dim: int,
                exec_mode: str) -> Path:
     """``RESULTS/<task>_<dim>d`` for training, with ``/val`` or ``/test`` below it for the other modes."""
-    base = Path(results) / f"{task_number if task_number else task_dir.name}_{dim}d"
+    base = Path(results) / folder_name(task_number if task_number else task_dir.name, dim)
     return base if exec_mode == "training" else base / exec_mode
 
 
 def _load_or_make_plan(dataset: Dataset, task: str, info, dim: int, exec_mode: str, base: Path,
-                       patch_size: Sequence[int] | None, n_jobs: int, progress: bool) -> dict:
-    training_plan = base / "plan.json"
+                       patch_size: Sequence[int] | None, n_jobs: int, progress: bool) -> Plan:
+    training_plan = base / PLAN_FILE
     if exec_mode != "training" and training_plan.is_file():
-        plan = json.loads(training_plan.read_text())
-        if not patch_size or list(patch_size) == plan.get("patch_size"):
+        plan = Plan.load(training_plan)
+        if not patch_size or tuple(int(p) for p in patch_size) == plan.patch_size:
             return plan
     return make_plan(dataset, task, info, dim, patch_size, n_jobs, progress)
 
@@ -140,17 +140,15 @@ def preprocess_dataset(
     try:
         jobs = [
             CaseJob(c, str(tmp), exec_mode, dim, tuple(dataset.label_values), dataset.in_channels,
-                    tuple(plan["spacing"]), tuple(plan["patch_size"]),
-                    plan["normalization"], tuple(plan["ct_stats"]) if plan["ct_stats"] else None,
+                    plan.spacing, plan.patch_size, plan.normalization, plan.ct_stats,
                     1 if n_jobs > 1 else None)
             for c in cases
         ]
         done = parallel_map(process_case, jobs, n_jobs, f"preprocess {exec_mode}", progress)
         if exec_mode == "training":  # planning checked the same shapes, except for MSD table patches
-            check_patch_fits(plan["patch_size"], {d["name"]: d["unpadded"] for d in done},
+            check_patch_fits(plan.patch_size, {d["name"]: d["unpadded"] for d in done},
                              "cropped and resampled" if dim == 3 else "cropped slice")
-        written = dict(plan, exec_mode=exec_mode, preprocessed=[d["name"] for d in done])
-        write_json(written, tmp / "plan.json")
+        plan.with_extra(exec_mode=exec_mode, preprocessed=[d["name"] for d in done]).save(tmp / PLAN_FILE)
         replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
