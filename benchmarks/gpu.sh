@@ -74,8 +74,8 @@ def find(mode, batch):
     return None
 
 
-print("\n== targets on one H100 (printed, not asserted)")
-for mode, batch, target in (("train", 2, 55.0), ("predict", 1, 140.0)):
+print("\n== targets on one H100/H200 (printed, not asserted)")
+for mode, batch, target in (("train", 2, 80.0), ("predict", 1, 200.0)):
     got = find(mode, batch)
     shown = "not measured" if got is None else f"{got:.1f} img/s"
     print(f"3D AMP {mode} batch {batch}: {shown} (target >= {target:.0f} img/s; seed A100 "
