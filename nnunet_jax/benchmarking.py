@@ -117,8 +117,10 @@ def real_batches(data_dir: str | os.PathLike, spec: BenchSpec, global_batch: int
                  ) -> list[dict[str, np.ndarray]]:
     """Random patch-sized crops (zero-padded where a volume is smaller) of preprocessed cases, channels
     last (2D: one random slice per sample)."""
+    from nnunet_jax.plan import IMAGE_SUFFIX, case_of, label_file  # lazily: it imports nibabel
+
     data_dir = Path(data_dir)
-    xs = sorted(data_dir.glob("*_x.npy"))
+    xs = sorted(data_dir.glob(f"*{IMAGE_SUFFIX}"))
     if not xs:
         raise FileNotFoundError(f"--data {data_dir}: no preprocessed <case>_x.npy files")
     rng = np.random.default_rng(spec.seed)
@@ -128,7 +130,7 @@ def real_batches(data_dir: str | os.PathLike, spec: BenchSpec, global_batch: int
         for _ in range(global_batch):
             x_path = xs[int(rng.integers(len(xs)))]
             x = np.load(x_path, mmap_mode="r")
-            y_path = x_path.with_name(x_path.name[:-6] + "_y.npy")
+            y_path = x_path.with_name(label_file(case_of(x_path)))
             y = np.load(y_path, mmap_mode="r") if y_path.exists() else np.zeros((1, *x.shape[1:]), np.uint8)
             if spec.dim == 2:  # one random slice: (C, Y, X)
                 z = int(rng.integers(x.shape[1]))

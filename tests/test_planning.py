@@ -231,6 +231,8 @@ def test_tidy_spacing_keeps_what_gets_resampled():
     # 0.7f / 0.35f is exactly 2 (10 → 20 voxels) but 0.7f / 0.35 is 1.99999997 (→ 19): keep the raw value.
     assert resampled_shape([10, 5, 5], [f32[1], 1, 1], [0.35, 1, 1]) == [19, 5, 5]
     assert tidy_spacing([f32[0], 1.0, 1.0], np.array([[f32[1], 1, 1]]), [[10, 5, 5]]) == [f32[0], 1.0, 1.0]
+    # A case resampling to nothing is not tidy_spacing's to reject (2D plans never resample it).
+    assert tidy_spacing([2.0, 1.0, 1.0], np.array([[0.5, 1, 1]]), [[1, 8, 8]]) == [2.0, 1.0, 1.0]
 
 
 def test_unguarded_main_script_detection(tmp_path, monkeypatch):

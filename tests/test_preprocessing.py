@@ -1,10 +1,12 @@
 """Per-case preprocessing steps against docs/reference.md §5 (hand-computable cases), and the inverse."""
 
+import re
 import tracemalloc
 
 import numpy as np
 import pytest
 
+from nnunet_jax.io import DatasetError
 from nnunet_jax.preprocessing import case as pp
 from nnunet_jax.preprocessing.case import CaseMeta
 
@@ -49,6 +51,16 @@ def test_target_shape_truncates():
     assert pp.target_shape((10, 10, 3), (2.5, 1.0, 3.6), (1.0, 1.0, 1.0)) == (25, 10, 10)  # 10.8 -> 10
     assert pp.target_shape((20, 320, 320), (4.0, 0.625, 0.625), (3.6, 0.62, 0.62)) == (22, 322, 322)
     assert pp.target_shape((7, 7, 7), (0.7, 0.7, 0.7), (1, 1, 1)) == (4, 4, 4)  # 4.9 -> 4
+
+
+def test_resampled_shape_and_the_empty_shape_check():
+    assert pp.resampled_shape((7, 7, 7), (0.7, 0.7, 0.7), (1, 1, 1)) == [4, 4, 4]
+    assert pp.resampled_shape((7, 7, 7), (0.7, 1.0, 1.0), (0.7, 1.0, 1.0)) == [7, 7, 7]  # no resampling
+    assert pp.resampled_shape((1, 8, 8), (0.5, 1, 1), (2, 1, 1)) == [0, 8, 8]  # unchecked
+    assert pp.checked_resampled_shape((2, 8, 8), (0.5, 1, 1), (1, 1, 1), "c3") == [1, 8, 8]
+    want = "case 'c3': resampling its shape [1, 8, 8] at [0.5, 1.0, 1.0] mm to [2.0, 1.0, 1.0] mm gives"
+    with pytest.raises(DatasetError, match=re.escape(f"{want} an empty shape [0, 8, 8]")):
+        pp.checked_resampled_shape((1, 8, 8), np.array([0.5, 1, 1]), (2, 1, 1), "c3")
 
 
 def test_is_anisotropic_source_or_target_ratio_at_least_3():
@@ -287,6 +299,9 @@ def test_preprocess_case_errors_name_the_case():
         pp.preprocess_case(img, lab, (1.0, 1.0, 1.0), target_spacing=(1, 1, 1), patch_size=(8, 8), case="bad")
     with pytest.raises(ValueError, match="case 'bad'.*image"):
         pp.preprocess_case(img[0], None, (1.0, 1.0, 1.0), target_spacing=(1, 1, 1), patch_size=(8, 8, 8),
+                           case="bad")
+    with pytest.raises(DatasetError, match="case 'bad'.*gives an empty shape"):
+        pp.preprocess_case(img, lab, (1.0, 1.0, 1.0), target_spacing=(100, 1, 1), patch_size=(8, 8, 8),
                            case="bad")
 
 

@@ -19,8 +19,6 @@ from nnunet_jax.plan import IMAGE_SUFFIX, PLAN_FILE, Plan, case_of, image_file, 
 __all__ = ["DatasetError", "PreprocessedDataset"]
 
 
-
-
 @dataclass(frozen=True)
 class PreprocessedDataset:
     """Cases and plan of one preprocessed directory; paths are absolute."""

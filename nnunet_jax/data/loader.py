@@ -105,7 +105,7 @@ class ShardedBatches:
     """``n_steps - start_step`` batches ``{"image", "label"}`` of global arrays from a DALI pipeline."""
 
     def __init__(
-        self, pipe: Any, mesh: Mesh, n_steps: int | None, start_step: int = 0, slices_2d: bool = False
+        self, pipe: Any, mesh: Mesh, n_steps: int, start_step: int = 0, slices_2d: bool = False
     ) -> None:
         self._pipe, self._mesh, self._n_steps, self._slices = pipe, mesh, n_steps, slices_2d
         self.step = 0
@@ -114,8 +114,6 @@ class ShardedBatches:
             self.step += 1
 
     def __len__(self) -> int:
-        if self._n_steps is None:
-            raise TypeError("an endless iterator has no length")
         return self._n_steps - self.step
 
     def __iter__(self) -> Iterator[dict[str, jax.Array]]:
@@ -123,7 +121,7 @@ class ShardedBatches:
 
     def next_local(self) -> dict[str, np.ndarray]:
         """The next process-local batch as numpy (what ``__next__`` shards)."""
-        if self._n_steps is not None and self.step >= self._n_steps:
+        if self.step >= self._n_steps:
             self._pipe = None  # free the pipeline's threads and buffers
             raise StopIteration
         image, label = (_host(t) for t in self._pipe.run())

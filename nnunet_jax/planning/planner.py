@@ -42,7 +42,12 @@ from nnunet_jax.io import DatasetError, load_case, nifti_spacing
 from nnunet_jax.plan import ANISOTROPY_RATIO, Plan
 from nnunet_jax.planning.dataset_json import CaseFiles, Dataset
 from nnunet_jax.planning.topology import get_kernels_strides, plan_topology
-from nnunet_jax.preprocessing.case import needs_resampling, nonzero_box, target_shape
+from nnunet_jax.preprocessing.case import (
+    checked_resampled_shape,
+    needs_resampling,
+    nonzero_box,
+    resampled_shape,
+)
 
 VOXEL_BUDGET = {3: 128**3, 2: 512**2}
 
@@ -177,15 +182,6 @@ def median_target_spacing(spacings: np.ndarray) -> tuple[list[float], bool]:
     return [float(s) for s in target], anisotropic
 
 
-def resampled_shape(shape: Sequence[int], spacing: Sequence[float], target: Sequence[float],
-                    case: str = "?") -> list[int]:
-    """The 3D shape preprocessing resamples ``shape`` to: int(spacing / target · shape), truncating, or
-    ``shape`` itself when the spacings agree to float32 precision (no resampling then)."""
-    if not needs_resampling(spacing, target):
-        return [int(s) for s in shape]
-    return list(target_shape(shape, spacing, target, case))
-
-
 def tidy_spacing(target: Sequence[float], spacings: np.ndarray,
                  shapes: Sequence[Sequence[int]]) -> list[float]:
     """``target`` rounded to 7 significant digits, which drops the float32 noise of NIfTI pixdim
@@ -307,7 +303,7 @@ def _planned_shapes(names: Sequence[str], shapes: Sequence[Sequence[int]], spaci
         if dim == 2:  # slices are not resampled (docs/reference.md §5.5)
             out[name] = [int(v) for v in shape[1:]]
             continue
-        out[name] = resampled_shape(shape, sp, target, name)
+        out[name] = checked_resampled_shape(shape, sp, target, name)
     return out
 
 

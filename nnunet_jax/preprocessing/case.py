@@ -29,9 +29,9 @@ from nnunet_jax.plan import ANISOTROPY_RATIO
 from nnunet_jax.preprocessing.resample import resample_image, resample_label, resize_slabs, slab_window_rows
 
 __all__ = [
-    "CaseMeta", "crop_to_nonzero", "is_anisotropic", "target_shape", "needs_resampling", "resample_image",
-    "resample_label", "normalize", "pad_amounts", "pad_to_patch", "center_crop_2d", "preprocess_case",
-    "undo_padding", "restore_to_source", "restore_label_map",
+    "CaseMeta", "crop_to_nonzero", "is_anisotropic", "target_shape", "needs_resampling", "resampled_shape",
+    "checked_resampled_shape", "resample_image", "resample_label", "normalize", "pad_amounts", "pad_to_patch",
+    "center_crop_2d", "preprocess_case", "undo_padding", "restore_to_source", "restore_label_map",
 ]
 
 _META_DTYPE = np.dtype([
@@ -155,24 +155,36 @@ def is_anisotropic(spacing, target) -> bool:
     return max(ratios) >= ANISOTROPY_RATIO
 
 
-def target_shape(shape, spacing, target, case: str = "?") -> tuple[int, ...]:
-    """new_shape = int(spacing / target · shape) (truncation, as the reference); a case that would resample
-    to nothing along an axis is a DatasetError (planning and preprocessing both ask here)."""
+def target_shape(shape, spacing, target) -> tuple[int, ...]:
+    """new_shape = int(spacing / target · shape) (truncation, as the reference); unchecked, may hold zeros."""
     ratio = np.asarray(spacing, np.float64) / np.asarray(target, np.float64)
-    new = tuple(int(v) for v in (ratio * np.asarray(shape)).astype(int))
-    if min(new) < 1:
-        def show(values: Sequence) -> list:
-            return [v.item() if hasattr(v, "item") else v for v in values]
-
-        raise DatasetError(f"case {case!r}: resampling its shape {show(shape)} at {show(spacing)} mm to "
-                           f"{show(target)} mm gives an empty shape {list(new)}")
-    return new
+    return tuple(int(v) for v in (ratio * np.asarray(shape)).astype(int))
 
 
 def needs_resampling(spacing, target) -> bool:
     """True when the spacings differ beyond float32 precision of NIfTI pixdim (the reference compares ==,
     which resamples e.g. float32(0.7676) onto 0.7676 and can truncate a voxel away)."""
     return not np.allclose(np.asarray(spacing, float), np.asarray(target, float), rtol=1e-6, atol=0)
+
+
+def resampled_shape(shape: Sequence[int], spacing: Sequence[float], target: Sequence[float]) -> list[int]:
+    """The 3D shape preprocessing resamples ``shape`` to: :func:`target_shape`, or ``shape`` itself when the
+    spacings agree (:func:`needs_resampling`); unchecked, so planning can compare candidate targets."""
+    if not needs_resampling(spacing, target):
+        return [int(s) for s in shape]
+    return list(target_shape(shape, spacing, target))
+
+
+def checked_resampled_shape(shape: Sequence[int], spacing: Sequence[float], target: Sequence[float],
+                            case: str) -> list[int]:
+    """:func:`resampled_shape`, or a DatasetError naming the case when an axis would resample to nothing:
+    the one check planning (before any case is written) and preprocessing (each case) share."""
+    new = resampled_shape(shape, spacing, target)
+    if min(new) < 1:
+        raise DatasetError(f"case {case!r}: resampling its shape {[int(s) for s in shape]} at "
+                           f"{[float(s) for s in spacing]} mm to {[float(t) for t in target]} mm gives an "
+                           f"empty shape {new}")
+    return new
 
 
 def _slice_sum(o: np.ndarray, square: bool = False) -> float:
@@ -303,8 +315,8 @@ def preprocess_case(
         target = tuple(float(s) for s in target_spacing)
         if len(target) != 3:
             raise ValueError(f"case {case!r}: 3D target spacing needs 3 values, got {target}")
+        new_shape = checked_resampled_shape(cropped_shape, spacing, target, case)
         if needs_resampling(spacing, target):
-            new_shape = target_shape(cropped_shape, spacing, target, case)
             aniso = is_anisotropic(spacing, target)
             image = resample_image(image, new_shape, aniso, workers=workers)
             if label is not None:
