@@ -140,12 +140,6 @@ def read_run_settings(path: str | Path) -> dict[str, Any] | None:
         raise ValueError(f"{settings} is not valid JSON: {e}") from e
 
 
-def read_checkpoint_meta(path: str | Path) -> dict[str, Any]:
-    """The ``meta`` of the checkpoint ``path`` names, or of the run's newest ``last`` one; {} if none."""
-    mdir, step = resolve_ckpt_path(path)
-    return _meta_in(mdir, step) or {}
-
-
 def restore_variables(path: str | Path, template: Any) -> tuple[Any, dict[str, Any]]:
     """Only the model variables (``params``, ``batch_stats``) of the checkpoint ``path`` names, restored into
     ``template`` (a pytree of ``jax.ShapeDtypeStruct`` with shardings, as ``{"params": ..., "batch_stats":

@@ -33,19 +33,20 @@ def use_brats(config: Mapping[str, Any] | Any) -> bool:
     return bool(config.get("brats", False))
 
 
-def brats_regions(labels: Any) -> Any:
-    """Float targets ``(..., 3)`` = (WT, TC, ET) from BraTS labels (1 NCR, 2 ED, 3 or 4 ET); jit-able."""
+def _regions(labels: Any, xp: Any, axis: int) -> Any:
+    """WT, TC, ET masks of BraTS labels (1 NCR, 2 ED, 3 or 4 ET), stacked along ``axis`` (numpy or jax)."""
     et = (labels == 3) | (labels == 4)
-    tc = (labels == 1) | et
-    wt = labels > 0
-    return jnp.stack([wt, tc, et], axis=-1).astype(jnp.float32)
+    return xp.stack([labels > 0, (labels == 1) | et, et], axis=axis)
+
+
+def brats_regions(labels: Any) -> Any:
+    """Float targets ``(..., 3)`` = (WT, TC, ET) from BraTS labels; jit-able."""
+    return _regions(labels, jnp, -1).astype(jnp.float32)
 
 
 def region_masks(labels: np.ndarray) -> np.ndarray:
     """The regions of a label map as int 0/1 maps ``(3, *spatial)`` (WT, TC, ET), on the host."""
-    labels = np.asarray(labels)
-    et = (labels == 3) | (labels == 4)
-    return np.stack([labels > 0, (labels == 1) | et, et]).astype(np.int32)
+    return _regions(np.asarray(labels), np, 0).astype(np.int32)
 
 
 def regions_to_labels(probs: np.ndarray, threshold: float = 0.5, et_label: int = 3) -> np.ndarray:

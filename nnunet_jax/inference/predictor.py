@@ -149,7 +149,7 @@ def read_run_settings(ckpt_path: str | os.PathLike) -> tuple[dict[str, Any], Pla
         where = f"{ckpt_path} (config.json's plan)"
         return dict(settings["config"]), None if plan is None else Plan.from_dict(plan, where)
     config = _default_config()
-    ident = checkpoints.read_checkpoint_meta(ckpt_path).get("identity", {})
+    ident = (checkpoints.read_meta_path(ckpt_path) or {}).get("identity", {})
     config.update({k: ident[k] for k in ("norm", "residual", "attention", "deep_supervision", "dim", "fold",
                                          "brats") if k in ident})
     if ident.get("filters"):
