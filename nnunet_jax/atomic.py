@@ -1,7 +1,10 @@
 """Atomic writes: nothing half-written is ever visible under a final name.
 
 Every file the project writes goes through :func:`atomic_path` (a temp name in the same folder, renamed over
-the target only once complete); whole output folders through :func:`replace_dir`.
+the target only once complete); whole output folders through :func:`replace_dir`. Every temp name has one
+recognisable form, ``.<final name>.nnunet-tmp.<random>[suffix]`` (:func:`is_temp`), so a process killed
+mid-write leaves nothing a later run cannot recognise: a run that holds its folder's lock removes them
+(:func:`remove_stale`) and readers such as ``evaluate.py`` skip them.
 """
 
 from __future__ import annotations
@@ -17,6 +20,31 @@ from typing import Any
 
 import numpy as np
 
+TEMP_MARK = ".nnunet-tmp."
+
+
+def is_temp(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is one of our temp files or folders (a write that never finished)."""
+    name = Path(path).name
+    return name.startswith(".") and TEMP_MARK in name
+
+
+def remove_stale(folder: str | os.PathLike) -> list[Path]:
+    """Remove the temp files and folders left in ``folder`` (not below it) by killed writers; call it only
+    while holding the folder's lock (:mod:`nnunet_jax.locks`), so no live writer's temp is touched."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for entry in folder.iterdir():
+        if is_temp(entry):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            removed.append(entry)
+    return removed
+
 
 def _umask_mode(mode: int) -> int:
     mask = os.umask(0)
@@ -31,7 +59,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}{TEMP_MARK}", suffix=suffix, dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)
@@ -64,7 +92,7 @@ def make_temp_dir(final: str | os.PathLike, tag: str = "tmp") -> Path:
     """A hidden temp folder beside ``final`` to build a whole output in before :func:`replace_dir`."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.{tag}.", dir=final.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}{TEMP_MARK}{tag}.", dir=final.parent))
     os.chmod(tmp, _umask_mode(0o777))
     return tmp
 
@@ -75,7 +103,7 @@ def replace_dir(tmp: str | os.PathLike, final: str | os.PathLike) -> Path:
     tmp, final = Path(tmp), Path(final)
     old = None
     if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        old = final.with_name(f".{final.name}{TEMP_MARK}old-{os.getpid()}")
         shutil.rmtree(old, ignore_errors=True)
         final.rename(old)
     tmp.rename(final)

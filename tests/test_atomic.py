@@ -42,3 +42,23 @@ def test_replace_dir(tmp_path):
     replace_dir(tmp, final)
     assert sorted(p.name for p in final.iterdir()) == ["new.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_temp_names_are_recognisable_and_removed_as_stale(tmp_path):
+    """A killed writer leaves names of one form (issue 10.3): is_temp knows them, remove_stale clears them."""
+    import os
+
+    from nnunet_jax.atomic import is_temp, remove_stale
+
+    with pytest.raises(RuntimeError), atomic_path(tmp_path / "case.nii.gz") as tmp:
+        assert is_temp(tmp) and tmp.name.endswith(".nii.gz")
+        os.link(tmp, tmp_path / tmp.name.replace(".nii.gz", ".x.nii.gz"))  # what a SIGKILL leaves behind
+        raise RuntimeError("killed")
+    folder = make_temp_dir(tmp_path / "00_3d", "training")
+    assert is_temp(folder)
+    (tmp_path / "00_3d").mkdir()
+    (tmp_path / "keep.nii.gz").write_bytes(b"x")
+    removed = remove_stale(tmp_path)
+    assert len(removed) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["00_3d", "keep.nii.gz"]
+    assert not is_temp(tmp_path / "keep.nii.gz") and not is_temp(tmp_path / ".hidden")

@@ -15,7 +15,6 @@ import http.client
 import os
 import shutil
 import tarfile
-import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path, PurePosixPath
@@ -23,7 +22,7 @@ from pathlib import Path, PurePosixPath
 from absl import app, flags
 from tqdm import tqdm
 
-from nnunet_jax.atomic import replace_dir
+from nnunet_jax.atomic import make_temp_dir, replace_dir
 from nnunet_jax.configs.tasks import get_task
 
 CHUNK = 1 << 20
@@ -100,7 +99,7 @@ def extract(archive: str | os.PathLike, results: str | os.PathLike, folder: str)
     """Unpack ``archive`` safely into ``results/folder``; it must contain ``folder/dataset.json``."""
     archive, results = Path(archive), Path(results)
     results.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder}.extract.", dir=results))
+    tmp = make_temp_dir(results / folder, "extract")
     try:
         try:
             with tarfile.open(archive) as tar:
