@@ -58,16 +58,26 @@ class Prediction:
 
 def _overlay(pred: Prediction, image: Path | None, out_dir: str | os.PathLike, plan: Plan,
              log: Callable[[str], None]) -> list[Path]:
-    """``<case>_overlay.png``: the label map over a few slices of its source image (when that is known)."""
+    """``<case>_overlay.png``: the label map over a few slices of its source image (when that is known), with
+    the case's reference outlined when the MSD layout has one (``labelsTr/<name>`` beside ``imagesTr/<name>``;
+    the same source geometry as the prediction, checked by :func:`nnunet_jax.io.load_case`)."""
     if image is None or pred.affine is None:
         log(f"{pred.case}: no source image known, no overlay drawn")
         return []
-    from nnunet_jax.io import load_case
+    from nnunet_jax.io import DatasetError, load_case
     from nnunet_jax.plots import overlay_png
 
-    names = {int(k): v for k, v in plan.labels.items()}
+    image = Path(image)
+    label = image.parent.parent / "labelsTr" / image.name if image.parent.name == "imagesTr" else None
+    try:
+        source = load_case(image, label if label is not None and label.is_file() else None)
+    except DatasetError as e:  # a reference that does not fit its image: the overlay without it
+        log(f"{pred.case}: reference not drawn ({e})")
+        source = load_case(image)
+    reference = None if source.label is None else source.label[0]
     out = Path(out_dir) / f"{pred.case}_overlay.png"
-    return [overlay_png(load_case(image).image, pred.labels, out, names)]
+    return [overlay_png(source.image, pred.labels, out, plan.class_names(), reference=reference,
+                        title=pred.case)]
 
 
 def save_prediction(
@@ -388,7 +398,8 @@ class Predictor:
         if isinstance(source, str | os.PathLike):
             from nnunet_jax.io import case_name, load_case
 
-            loaded = load_case(source, n_channels=self.plan.in_channels)
+            loaded = load_case(source, n_channels=self.plan.in_channels,
+                               channels_from=f"the model's plan (task {self.plan.task})")
             case = case or case_name(source)
             x, meta = self.preprocess(loaded.image, loaded.spacing, loaded.affine, case)
             affine, header = loaded.affine, loaded.header
