@@ -2,6 +2,7 @@
 
 MONAI gets the arrays in NIfTI order (X, Y, Z) with spacing = pixdim; we read the files as evaluate.py does
 (transposed to (Z, Y, X), spacing reversed), so an axis-order slip in either the arrays or the spacing fails.
+evaluate.py reports Dice and NSD in percent (training's scale), MONAI as fractions: MONAI's are scaled by 100.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def test_hd95_nsd_match_monai(tmp_path, seed):
     nsd = monai_metrics.compute_surface_dice(_one_hot(pred), _one_hot(lab), class_thresholds=[tol] * (K - 1),
                                              include_background=False, spacing=list(PIXDIM))
     np.testing.assert_allclose(ours["hd95"], hd.numpy()[0], rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(ours["nsd"], nsd.numpy()[0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(ours["nsd"], 100 * nsd.numpy()[0], rtol=1e-5, atol=1e-4)
     # and the Dice, from MONAI's DiceMetric
     dice = monai_metrics.DiceMetric(include_background=False)(_one_hot(pred), _one_hot(lab))
-    np.testing.assert_allclose(ours["dice"], dice.numpy()[0], rtol=1e-5)
+    np.testing.assert_allclose(ours["dice"], 100 * dice.numpy()[0], rtol=1e-5)
