@@ -29,15 +29,16 @@ def is_temp(path: str | os.PathLike) -> bool:
     return name.startswith(".") and TEMP_MARK in name
 
 
-def remove_stale(folder: str | os.PathLike) -> list[Path]:
-    """Remove the temp files and folders left in ``folder`` (not below it) by killed writers; call it only
-    while holding the folder's lock (:mod:`nnunet_jax.locks`), so no live writer's temp is touched."""
+def remove_stale(folder: str | os.PathLike, name: str | None = None) -> list[Path]:
+    """Remove the temp files and folders left in ``folder`` (not below it) by killed writers (only those of
+    the final name ``name``, when given); call it only while holding the lock that covers them
+    (:mod:`nnunet_jax.locks`), so no live writer's temp is touched."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
     removed = []
     for entry in folder.iterdir():
-        if is_temp(entry):
+        if is_temp(entry) and (name is None or entry.name.startswith(f".{name}{TEMP_MARK}")):
             if entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry, ignore_errors=True)
             else:
@@ -59,12 +60,19 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}{TEMP_MARK}", suffix=suffix, dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}{TEMP_MARK}", suffix=suffix, dir=path.parent)
+    except OSError as e:  # read-only or full folder: name the file asked for, not the temp
+        raise OSError(e.errno, e.strerror, str(path)) from e
     os.close(fd)
     try:
         yield Path(tmp)
         os.chmod(tmp, _umask_mode(0o666))  # mkstemp creates 0600
         os.replace(tmp, path)
+    except OSError as e:
+        if e.filename in (None, tmp):  # write() on a full disk names no file; name the one the user asked for
+            raise OSError(e.errno, e.strerror, str(path)) from e
+        raise
     finally:
         Path(tmp).unlink(missing_ok=True)
 

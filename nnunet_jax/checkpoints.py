@@ -11,12 +11,20 @@ run's identity (task, dim, fold, topology), its epoch and the host-side bookkeep
 stopping, plateau scheduler, loader position), so a run can refuse another task's checkpoint and resume
 exactly. Training restores pass a target (shapes, dtypes, shardings), so optimizer namedtuples come back as
 namedtuples. ``close()`` waits for pending saves: the process never exits mid-write or hangs.
+
+A save that fails (a full disk, a folder turned read-only) raises :class:`SaveError` from the call where
+Orbax reports it (the next ``save`` or ``wait``), with one message naming the checkpoint, its step, the
+reason and the step of the previous checkpoint, which is intact; the failed save's temp folders are removed
+so they do not keep the disk full. Orbax's own tracebacks of it stay hidden.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +32,39 @@ import orbax.checkpoint as ocp
 
 KINDS = ("last", "best")
 CONFIG_FILE = "config.json"  # the run's settings (config, identity, plan), beside checkpoints/
+ORBAX_TMP = "*.orbax-checkpoint-tmp*"  # Orbax writes a step here and renames it when complete
+
+
+class SaveError(RuntimeError):
+    """A checkpoint could not be written; the message names it, the reason, and the checkpoint kept."""
 
 
 def _manager(path: Path) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(max_to_keep=1, create=True)
+    # cleanup_tmp_directories: the steps a killed run left half-written (the caller holds the folder's lock)
+    options = ocp.CheckpointManagerOptions(max_to_keep=1, create=True, cleanup_tmp_directories=True)
     return ocp.CheckpointManager(path.absolute(), options=options, item_names=("state", "meta"))
+
+
+class _HideOrbaxErrors(logging.Filter):
+    """Drops Orbax's log records while a :class:`Checkpoints` is open: a failed save is reported once, by
+    :class:`SaveError`, not by the ~100 tracebacks its background threads log (unless asked: absl INFO)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from absl import logging as absl_logging
+
+        return "orbax" not in record.pathname or absl_logging.get_verbosity() >= absl_logging.INFO
+
+
+def finished_steps(manager_dir: Path) -> list[int]:
+    """Steps with a complete checkpoint in a ``last``/``best`` folder, read from disk."""
+    return sorted(int(p.name) for p in Path(manager_dir).glob("*") if p.is_dir() and p.name.isdigit())
+
+
+def no_space(error: BaseException) -> bool:
+    """Whether ``error`` (an OSError, or Orbax/TensorStore's ValueError wrapping one) means a full disk."""
+    text = str(error)
+    return (getattr(error, "errno", None) == errno.ENOSPC or "No space left on device" in text
+            or "os_error_code='28'" in text)
 
 
 class Checkpoints:
@@ -36,15 +72,20 @@ class Checkpoints:
 
     def __init__(self, workdir: str | Path):
         self.root = Path(workdir).absolute() / "checkpoints"
+        self._filter = _HideOrbaxErrors()
+        logging.getLogger("absl").addFilter(self._filter)
         self.managers = {k: _manager(self.root / k) for k in KINDS}
+        self.pending: dict[str, int] = {}  # kind -> step of a save not known to be finished
 
     def save(self, kind: str, step: int, state: Any, meta: dict[str, Any]) -> None:
-        """Start an (asynchronous) save; a step already present in ``kind`` is left as it is."""
+        """Start an (asynchronous) save; a step already present in ``kind`` is left as it is. Raises
+        :class:`SaveError` if the previous save of ``kind`` failed."""
         mngr = self.managers[kind]
-        if step in mngr.all_steps():
+        if step in finished_steps(self.root / kind) or self.pending.get(kind) == step:
             return
-        mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                meta=ocp.args.JsonSave(meta)))
+        self._guarded(kind, lambda: mngr.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))), step)
+        self.pending[kind] = step
 
     def latest_step(self, kind: str = "last") -> int | None:
         return self.managers[kind].latest_step()
@@ -53,13 +94,50 @@ class Checkpoints:
         return restore_from(self.managers[kind], target, step)
 
     def wait(self) -> None:
-        for m in self.managers.values():
-            m.wait_until_finished()
+        """Block until every started save is on disk; raises :class:`SaveError` for one that failed."""
+        for kind, m in self.managers.items():
+            self._guarded(kind, m.wait_until_finished)
+            self.pending.pop(kind, None)
 
     def close(self) -> None:
-        for m in self.managers.values():
-            m.wait_until_finished()
-            m.close()
+        """Wait for pending saves and release the managers; a failure already reported is not raised again."""
+        try:
+            for kind, m in self.managers.items():
+                try:
+                    self._guarded(kind, m.wait_until_finished)
+                finally:
+                    self.pending.pop(kind, None)
+        finally:
+            for m in self.managers.values():
+                try:
+                    m.close()
+                except Exception:  # noqa: BLE001 - a manager whose save failed; that error was raised
+                    pass
+            logging.getLogger("absl").removeFilter(self._filter)
+
+    def _guarded(self, kind: str, call: Any, step: int | None = None) -> None:
+        """Run an Orbax call of ``kind``; a failure (of the pending save of ``kind``, reported late, or else
+        of this call's ``step``) becomes :class:`SaveError` with the failed save's temp folders removed."""
+        try:
+            call()
+        except Exception as e:  # noqa: BLE001 - Orbax reports write errors as ValueError/OSError/...
+            step = self.pending.pop(kind, step)
+            for d in self.root.glob(f"*/{ORBAX_TMP}"):
+                shutil.rmtree(d, ignore_errors=True)
+            raise SaveError(self._failure(kind, step, e)) from None
+
+    def _failure(self, kind: str, step: int | None, error: BaseException) -> str:
+        kept = finished_steps(self.root / kind)
+        where = f"checkpoints/{kind}" + (f" (step {step})" if step is not None else "")
+        previous = (f"the previous checkpoint at step {kept[-1]} is intact" if kept
+                    else f"no earlier checkpoint in checkpoints/{kind}")
+        if no_space(error):
+            free = shutil.disk_usage(self.root).free / 2**20
+            return (f"no space left on {self.root.parent} ({free:.1f} MiB free) while saving {where}; "
+                    f"{previous}; free space and run again with --resume_training")
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        return (f"could not save {where} in {self.root.parent}: {reason}; {previous}; fix this and run "
+                "again with --resume_training")
 
 
 def restore_from(mngr: ocp.CheckpointManager, target: Any, step: int | None = None) -> tuple[Any, dict]:
@@ -77,12 +155,10 @@ def read_meta(workdir: str | Path, kind: str = "last") -> dict[str, Any] | None:
 
 
 def _meta_in(manager_dir: Path, step: int | None = None) -> dict[str, Any] | None:
-    steps = sorted((int(p.name), p) for p in manager_dir.glob("*") if p.is_dir() and p.name.isdigit())
-    if step is not None:
-        steps = [s for s in steps if s[0] == step]
+    steps = [s for s in finished_steps(manager_dir) if step is None or s == step]
     if not steps:
         return None
-    meta = steps[-1][1] / "meta" / "metadata"
+    meta = manager_dir / str(steps[-1]) / "meta" / "metadata"
     if not meta.exists():
         return None
     return json.loads(meta.read_text())

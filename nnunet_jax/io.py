@@ -86,8 +86,10 @@ def load_case(
     labels: Iterable[int] | None = None,
     n_channels: int | None = None,
     case: str | None = None,
+    channels_from: str = "dataset.json",
 ) -> Case:
-    """Load and check one case; ``labels`` are the values dataset.json declares (None: not checked).
+    """Load and check one case; ``labels`` are the values dataset.json declares (None: not checked);
+    ``channels_from`` says who declares ``n_channels`` (the dataset, or a model's plan at predict time).
 
     Raises :class:`DatasetError` for a missing or non-NIfTI file, a wrong number of dimensions or channels,
     NaN/inf voxels, non-positive spacing, image/label shape or affine mismatch, and undeclared label values.
@@ -105,7 +107,7 @@ def load_case(
     image = np.ascontiguousarray(image, dtype=np.float32)
     if n_channels is not None and image.shape[0] != n_channels:
         raise DatasetError(
-            f"{where}: image has {image.shape[0]} channel(s) but dataset.json declares "
+            f"{where}: image has {image.shape[0]} channel(s) but {channels_from} declares "
             f"{n_channels} modalities"
         )
     if not np.isfinite(image).all():

@@ -74,42 +74,47 @@ def _plan_path() -> str | None:
     return None
 
 
-def main(argv: list[str]) -> int:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+def _predict(plan: str | None) -> list:
+    """Build the predictor the flags name and predict ``--data`` into ``--results``; returns the files."""
     from nnunet_jax.inference.predictor import Predictor, predict_inputs
 
-    if bool(FLAGS.ckpt_path) == bool(FLAGS.torch_ckpt):
-        raise app.UsageError("give either --ckpt_path (one or more) or --torch_ckpt")
     # Sliding-window settings not given are the training run's own (None: from its config.json).
     options = dict(tta=FLAGS.tta, overlap=FLAGS.overlap, blend=FLAGS.blend, batch_size=FLAGS.val_batch_size)
     # Orbax runs record whether they are region models: --brats only has to agree when it is given.
     brats = FLAGS.brats if FLAGS.torch_ckpt or FLAGS["brats"].present else None
-    plan = _plan_path()
-    try:
-        if FLAGS.torch_ckpt:
-            if plan is None:
-                raise FileNotFoundError("--torch_ckpt needs --plan (or a preprocessed --data folder)")
-            model_options = dict(norm=FLAGS.norm, residual=FLAGS.residual, attention=FLAGS.attention,
-                                 deep_supervision=FLAGS.deep_supervision, deep_supr_num=FLAGS.deep_supr_num,
-                                 filters=tuple(int(f) for f in FLAGS.filters) if FLAGS.filters else None)
-            predictor = Predictor.from_torch(FLAGS.torch_ckpt, plan, amp=FLAGS.amp, amp_dtype=FLAGS.amp_dtype,
-                                             model_options=model_options, brats=brats, **options)
-        else:
-            predictor = Predictor.from_checkpoints(FLAGS.ckpt_path, plan, amp=FLAGS.amp,
-                                                   amp_dtype=FLAGS.amp_dtype, brats=brats, **options)
-        cases = None
-        if FLAGS.fold is not None:
-            from nnunet_jax.data.folds import split_cases
+    if FLAGS.torch_ckpt:
+        if plan is None:
+            raise FileNotFoundError("--torch_ckpt needs --plan (or a preprocessed --data folder)")
+        model_options = dict(norm=FLAGS.norm, residual=FLAGS.residual, attention=FLAGS.attention,
+                             deep_supervision=FLAGS.deep_supervision, deep_supr_num=FLAGS.deep_supr_num,
+                             filters=tuple(int(f) for f in FLAGS.filters) if FLAGS.filters else None)
+        predictor = Predictor.from_torch(FLAGS.torch_ckpt, plan, amp=FLAGS.amp, amp_dtype=FLAGS.amp_dtype,
+                                         model_options=model_options, brats=brats, **options)
+    else:
+        predictor = Predictor.from_checkpoints(FLAGS.ckpt_path, plan, amp=FLAGS.amp,
+                                               amp_dtype=FLAGS.amp_dtype, brats=brats, **options)
+    cases = None
+    if FLAGS.fold is not None:
+        from nnunet_jax.data.folds import split_cases
 
-            training = predictor.plan.training_cases
-            if training is None:
-                raise ValueError("--fold needs a plan that lists its training cases (preprocess again)")
-            cases = split_cases(training, FLAGS.fold)[1]
-        written = predict_inputs(predictor, FLAGS.data, FLAGS.results, save_nifti=FLAGS.save_nifti,
-                                 save_preds=FLAGS.save_preds, raw=FLAGS.raw, cases=cases,
-                                 overlays=FLAGS.overlays)
-    except (FileNotFoundError, ValueError) as e:
+        training = predictor.plan.training_cases
+        if training is None:
+            raise ValueError("--fold needs a plan that lists its training cases (preprocess again)")
+        cases = split_cases(training, FLAGS.fold)[1]
+    return predict_inputs(predictor, FLAGS.data, FLAGS.results, save_nifti=FLAGS.save_nifti,
+                          save_preds=FLAGS.save_preds, raw=FLAGS.raw, cases=cases, overlays=FLAGS.overlays)
+
+
+def main(argv: list[str]) -> int:
+    del argv  # run_app refuses extra arguments
+    from nnunet_jax.locks import FolderBusyError, folder_lock
+
+    if bool(FLAGS.ckpt_path) == bool(FLAGS.torch_ckpt):
+        raise app.UsageError("give either --ckpt_path (one or more) or --torch_ckpt")
+    try:
+        with folder_lock(FLAGS.results, "predict.py"):  # one predict.py per output folder, from the start
+            written = _predict(_plan_path())
+    except (FileNotFoundError, ValueError, FolderBusyError) as e:
         print(f"predict: {e}", file=sys.stderr)
         return 2
     print(f"wrote {len(written)} file(s) to {FLAGS.results}")

@@ -100,6 +100,13 @@ class PreprocessedDataset:
 
     def fold(self, fold: int, n_splits: int = 5) -> tuple[list[str], list[str]]:
         """(train, validation) case names of ``fold`` (the reference's KFold split); checks their labels."""
+        n = len(self.training)
+        if n < n_splits:
+            raise DatasetError(f"{self.root}: {n} training case{'s' * (n != 1)} cannot be split into "
+                               f"{n_splits} folds; pass --nfolds {n} or fewer (at least 2), or add cases")
+        if not 0 <= fold < n_splits:
+            raise DatasetError(f"--fold {fold} is not one of the {n_splits} folds 0..{n_splits - 1} "
+                               f"(--nfolds {n_splits})")
         train, val = split_cases(self.training, fold, n_splits)
         self.check_labels(train + val)
         return train, val

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Sequence
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +29,7 @@ import numpy as np
 
 from nnunet_jax.atomic import make_temp_dir, replace_dir, save_npy
 from nnunet_jax.io import DatasetError, load_case
+from nnunet_jax.locks import FolderBusyError, folder_lock
 from nnunet_jax.plan import PLAN_FILE, Plan, folder_name
 from nnunet_jax.planning.dataset_json import CaseFiles, Dataset, find_task_dir, load_dataset
 from nnunet_jax.planning.planner import check_patch_fits, make_plan, parallel_map
@@ -58,6 +61,7 @@ def process_case(job: CaseJob) -> dict:
     with_label = job.exec_mode != "test"
     loaded = load_case(job.case.image, job.case.label if with_label else None, labels=job.labels,
                        n_channels=job.n_channels, case=job.case.name)
+    notes = blank_image_notes(loaded.image, loaded.label, _where(job))
     from nnunet_jax.preprocessing import case as pp  # imported here: workers are spawned, keep startup light
     try:
         x, y, meta = pp.preprocess_case(
@@ -77,7 +81,30 @@ def process_case(job: CaseJob) -> dict:
         save_npy(np.ascontiguousarray(y, dtype=np.uint8), out / f"{job.case.name}_y.npy")
     meta.save(out / f"{job.case.name}_meta.npy")
     unpadded = list(meta.resampled_shape) if job.dim == 3 else list(meta.resampled_shape[1:])
-    return {"name": job.case.name, "shape": [int(v) for v in x.shape], "unpadded": unpadded}
+    return {"name": job.case.name, "shape": [int(v) for v in x.shape], "unpadded": unpadded, "notes": notes}
+
+
+def _where(job: CaseJob) -> str:
+    return f"case {job.case.name!r} ({job.case.image})"
+
+
+def blank_image_notes(image: np.ndarray, label: np.ndarray | None, where: str) -> list[str]:
+    """Warnings for image channels that hold one value only (e.g. all zeros: a failed export).
+
+    Warned, not refused: a zero-filled channel is how multi-modal datasets mark a missing sequence, and one
+    blank test image must not stop the others; but a label with foreground on a blank image teaches the
+    network nothing true, so the warning says so.
+    """
+    notes = []
+    for c, channel in enumerate(image):
+        lo, hi = float(channel.min()), float(channel.max())
+        if lo != hi:
+            continue
+        fg = int(np.count_nonzero(label)) if label is not None else 0
+        tail = (f"; its label has {fg} foreground voxels the network cannot see: check the image file"
+                if fg else "")
+        notes.append(f"{where}: image channel {c} is constant (every voxel {lo:g}){tail}")
+    return notes
 
 
 def output_dir(results: str | os.PathLike, task_dir: Path, task_number: str | None, dim: int,
@@ -95,6 +122,17 @@ def _load_or_make_plan(dataset: Dataset, task: str, info, dim: int, exec_mode: s
         if not patch_size or tuple(int(p) for p in patch_size) == plan.patch_size:
             return plan
     return make_plan(dataset, task, info, dim, patch_size, n_jobs, progress)
+
+
+@contextmanager
+def _own(base: Path) -> Iterator[None]:
+    """Hold the lock of ``RESULTS/<task>_<dim>d`` (beside it: training replaces the folder) and remove the
+    temp folders of killed preprocessings; another live preprocessing of it is a DatasetError."""
+    try:
+        with folder_lock(base, "python -m preprocess", beside=True):
+            yield
+    except FolderBusyError as e:
+        raise DatasetError(str(e)) from None
 
 
 def preprocess_dataset(
@@ -132,25 +170,28 @@ def preprocess_dataset(
     number = info.number if info is not None else None
     out = output_dir(results, task_dir, number, dim, exec_mode)
     base = out if exec_mode == "training" else out.parent
-    plan = _load_or_make_plan(dataset, info.number if info else task_dir.name, info, dim, exec_mode, base,
-                              patch_size, n_jobs, progress)
+    with _own(base):  # one run per <task>_<dim>d: training replaces it whole, val/test read its plan
+        plan = _load_or_make_plan(dataset, info.number if info else task_dir.name, info, dim, exec_mode, base,
+                                  patch_size, n_jobs, progress)
 
-    Path(results).mkdir(parents=True, exist_ok=True)
-    tmp = make_temp_dir(out, exec_mode)
-    try:
-        jobs = [
-            CaseJob(c, str(tmp), exec_mode, dim, tuple(dataset.label_values), dataset.in_channels,
-                    plan.spacing, plan.patch_size, plan.normalization, plan.ct_stats,
-                    1 if n_jobs > 1 else None)
-            for c in cases
-        ]
-        done = parallel_map(process_case, jobs, n_jobs, f"preprocess {exec_mode}", progress)
-        if exec_mode == "training":  # planning checked the same shapes, except for MSD table patches
-            check_patch_fits(plan.patch_size, {d["name"]: d["unpadded"] for d in done},
-                             "cropped and resampled" if dim == 3 else "cropped slice")
-        plan.with_extra(exec_mode=exec_mode, preprocessed=[d["name"] for d in done]).save(tmp / PLAN_FILE)
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        Path(results).mkdir(parents=True, exist_ok=True)
+        tmp = make_temp_dir(out, exec_mode)
+        try:
+            jobs = [
+                CaseJob(c, str(tmp), exec_mode, dim, tuple(dataset.label_values), dataset.in_channels,
+                        plan.spacing, plan.patch_size, plan.normalization, plan.ct_stats,
+                        1 if n_jobs > 1 else None)
+                for c in cases
+            ]
+            done = parallel_map(process_case, jobs, n_jobs, f"preprocess {exec_mode}", progress)
+            for note in (n for d in done for n in d["notes"]):
+                print(f"warning: {note}", file=sys.stderr)
+            if exec_mode == "training":  # planning checked the same shapes, except for MSD table patches
+                check_patch_fits(plan.patch_size, {d["name"]: d["unpadded"] for d in done},
+                                 "cropped and resampled" if dim == 3 else "cropped slice")
+            plan.with_extra(exec_mode=exec_mode, preprocessed=[d["name"] for d in done]).save(tmp / PLAN_FILE)
+            replace_dir(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     return out

@@ -17,8 +17,11 @@ import json
 import logging
 import math
 import os
+import shutil
+import sys
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -32,6 +35,7 @@ from nnunet_jax.atomic import write_json
 from nnunet_jax.checkpoints import CONFIG_FILE
 from nnunet_jax.inference.forward import make_forward
 from nnunet_jax.labels import BRATS_N_CLASS, LabelSpec, use_brats
+from nnunet_jax.locks import FolderBusyError, folder_lock
 from nnunet_jax.models.build import build_model, uses_fp16
 from nnunet_jax.plan import PLAN_FILE, Plan, folder_name
 from nnunet_jax.training import optim
@@ -252,10 +256,42 @@ def _truncate_logs(path: Path, epochs_done: int) -> None:
 
 
 def _append_log(path: Path, record: dict[str, Any]) -> None:
-    with path.open("a") as f:
-        f.write(json.dumps(record) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:  # ENOSPC from write() names no file
+        raise OSError(e.errno, e.strerror, str(path)) from e
+
+
+@contextmanager
+def _own_results(workdir: Path) -> Iterator[None]:
+    """Hold ``workdir``'s lock for the run (another live run there fails at once, naming its PID) and
+    remove the temp files killed runs left; a folder this run created and never used is removed again."""
+    try:
+        with folder_lock(workdir, "train.py"):
+            yield
+    except FolderBusyError as e:
+        raise TrainingError(str(e)) from None
+
+
+def state_bytes(target: Any) -> int:
+    """Bytes of one checkpoint's arrays (the train state's leaves, uncompressed)."""
+    return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(target))
+
+
+def check_free_space(workdir: Path, target: Any) -> None:
+    """Refuse to start when the results folder's disk cannot hold one checkpoint (a run would train its
+    first epoch and lose it); warn when it cannot hold the four a save of ``last`` and ``best`` may need."""
+    need, free = state_bytes(target), shutil.disk_usage(workdir).free
+    mib = 2**20
+    if free < need:
+        raise TrainingError(f"{workdir}: {free / mib:.1f} MiB free, but one checkpoint of this model takes "
+                            f"about {need / mib:.1f} MiB; free space or use another --results directory")
+    if free < 4 * need:
+        print(f"warning: {workdir}: {free / mib:.1f} MiB free; saving checkpoints/last and best may need up "
+              f"to {4 * need / mib:.1f} MiB (4 x {need / mib:.1f} MiB)", file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -277,17 +313,24 @@ def train_and_evaluate(config: Any, workdir: str | Path | None = None, *, data: 
 
     ``data`` replaces the preprocessed dataset (tests); by default it comes from ``config.data``.
     """
-    from nnunet_jax.losses import make_loss
-
     # -- checks before any compute
     if config.exec_mode not in ("train", "evaluate"):
         raise TrainingError(f"exec_mode {config.exec_mode!r} is not handled here (train | evaluate)")
     evaluating = config.exec_mode == "evaluate"
     workdir = Path(workdir or config.results).expanduser().absolute()
-
-    # -- mesh and data
     parallel.initialize_distributed(config.coordinator_address, int(config.num_processes),
                                     int(config.process_id))
+    if evaluating or jax.process_index() != 0:  # only process 0 writes the results folder
+        return _train_and_evaluate(config, workdir, data, evaluating)
+    with _own_results(workdir):
+        return _train_and_evaluate(config, workdir, data, evaluating)
+
+
+def _train_and_evaluate(config: Any, workdir: Path, data: DataSource | None, evaluating: bool,
+                        ) -> dict[str, Any]:
+    from nnunet_jax.losses import make_loss
+
+    # -- mesh and data
     mesh = _training_mesh(config)
     data = data or open_data(config, mesh)
     where = data.dataset.root if hasattr(data, "dataset") else "plan"
@@ -298,10 +341,15 @@ def train_and_evaluate(config: Any, workdir: str | Path | None = None, *, data: 
     model = build_model(config, plan)
     identity = run_identity(config, plan, model.widths)
     meta = None if evaluating else check_results_dir(workdir, identity, bool(config.resume_training))
+    if meta is None and not evaluating and config.resume_training and jax.process_index() == 0:
+        print(f"note: --resume_training: {workdir} holds no checkpoint yet; training starts from scratch",
+              file=sys.stderr)
     workdir.mkdir(parents=True, exist_ok=True)
     fp16 = uses_fp16(config)
     tx = optim.make_optimizer(config, data.steps_per_epoch)
     target = step_lib.abstract_state(model, tx, plan.input_shape, mesh, fp16)
+    if not evaluating and jax.process_index() == 0:
+        check_free_space(workdir, target)
 
     # -- validation: the predictor's windowed forward on this process's devices
     labels = LabelSpec.of(plan, use_brats(config))
@@ -344,6 +392,8 @@ def train_and_evaluate(config: Any, workdir: str | Path | None = None, *, data: 
             if run.main and run.logs.exists():
                 run.logs.unlink()  # a previous run here never reached a checkpoint: its lines mean nothing
         return run.train(state, progress)
+    except ckpt_lib.SaveError as e:
+        raise TrainingError(str(e)) from None
     finally:
         run.ckpts.close()
 
@@ -427,15 +477,16 @@ class _Run:
             p.end_epoch()
             if next_lr != lr:
                 state = state.replace(opt_state=optim.set_learning_rate(state.opt_state, next_lr))
+            if improved:
+                self.save("best", state, p)
+            self.save("last", state, p)
+            self.ckpts.wait()  # an epoch is logged only once its checkpoint is on disk (SaveError if not)
             if self.main:
                 _append_log(self.logs, record)
                 if config.progress:
                     from tqdm import tqdm
 
                     tqdm.write(json.dumps(record))
-            if improved:
-                self.save("best", state, p)
-            self.save("last", state, p)
             summary = {**record, "stopped": "max_epochs"}
             if p.epoch >= int(config.min_epochs) and p.patience >= int(config.patience):
                 summary["stopped"] = "early_stopping"
