@@ -31,8 +31,6 @@ def define_flags() -> None:
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     fl = flags.FLAGS
     try:
         patch = [int(p) for p in fl.patch_size] if fl.patch_size else None

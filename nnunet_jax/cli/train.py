@@ -65,12 +65,7 @@ def build_config():
 
 def main(argv: list[str]) -> int:
     del argv
-    from absl import logging
-
     from nnunet_jax.training import loop
-
-    if not FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)  # Orbax logs every save step at INFO
 
     try:
         summary = loop.train_and_evaluate(build_config())
