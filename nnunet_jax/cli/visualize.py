@@ -52,8 +52,6 @@ def run_class_names(logs: str) -> dict[int, str] | None:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from nnunet_jax import plots
     from nnunet_jax.plan import Plan
 
