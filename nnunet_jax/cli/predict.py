@@ -95,12 +95,15 @@ def _predict(plan: str | None) -> list:
                                                amp_dtype=FLAGS.amp_dtype, brats=brats, **options)
     cases = None
     if FLAGS.fold is not None:
+        from nnunet_jax.checkpoints import read_run_settings
         from nnunet_jax.data.folds import split_cases
 
         training = predictor.plan.training_cases
         if training is None:
             raise ValueError("--fold needs a plan that lists its training cases (preprocess again)")
-        cases = split_cases(training, FLAGS.fold)[1]
+        settings = read_run_settings(FLAGS.ckpt_path[0]) if FLAGS.ckpt_path else None
+        nfolds = int(((settings or {}).get("config") or {}).get("nfolds", 5))  # the split training used
+        cases = split_cases(training, FLAGS.fold, nfolds)[1]
     return predict_inputs(predictor, FLAGS.data, FLAGS.results, save_nifti=FLAGS.save_nifti,
                           save_preds=FLAGS.save_preds, raw=FLAGS.raw, cases=cases, overlays=FLAGS.overlays)
 

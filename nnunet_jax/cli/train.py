@@ -60,6 +60,8 @@ def build_config():
             if name in INT_LISTS:
                 value = tuple(int(v) for v in value)
             setattr(config, name, value)
+    if not FLAGS["task"].present and config.task == get_config().task:
+        config.task = ""  # no --task: a preprocessed --data folder's plan decides (loop.task_matches)
     return config
 
 

@@ -21,6 +21,7 @@ other modules; this file only composes them. Sliding-window settings not given (
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -513,6 +514,10 @@ def predict_inputs(
             raise ValueError(f"none of the requested cases ({', '.join(sorted(wanted)[:5])}) is in {data}")
     headers = source_images(predictor.plan, raw) if npy else {}
     written: list[Path] = []
+    if npy or nifti:
+        log(f"predicting {len(npy) + len(nifti)} case(s) into {out_dir} (the first one compiles the sliding "
+            "window)")
+    t0 = time.perf_counter()
     for x_path in npy:
         case = case_of(x_path)
         meta_path = x_path.with_name(meta_file(case))
@@ -527,12 +532,14 @@ def predict_inputs(
         if overlays:
             files += _overlay(pred, headers.get(case), out_dir, predictor.plan, log)
         written += files
-        log(f"{case}: {', '.join(p.name for p in files)}")
+        log(f"{case}: {', '.join(p.name for p in files)} ({time.perf_counter() - t0:.1f} s)")
+        t0 = time.perf_counter()
     for path in nifti:
         pred = predictor.predict(path, probabilities=save_preds)
         files = save_prediction(pred, out_dir, nifti=True)
         if overlays:
             files += _overlay(pred, path, out_dir, predictor.plan, log)
         written += files
-        log(f"{pred.case}: {', '.join(p.name for p in files)}")
+        log(f"{pred.case}: {', '.join(p.name for p in files)} ({time.perf_counter() - t0:.1f} s)")
+        t0 = time.perf_counter()
     return written

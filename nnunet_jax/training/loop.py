@@ -17,12 +17,14 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -84,21 +86,38 @@ class DataSource(Protocol):
 # Checks before any compute
 
 
+DEFAULT_TASK = "01"  # the seed's --task: what an empty task (train.py without --task) means for --data /data
+
+
 def normalize_task(task: Any) -> str:
     t = str(task).strip()
     return f"{int(t):02d}" if t.isdigit() else t
 
 
+def task_matches(given: Any, plan: Plan) -> bool:
+    """Whether ``--task`` names the plan's task: its number (``50`` for ``Task50_Sphere``), folder name, or
+    dataset.json name; an empty ``given`` (no --task) lets the plan decide."""
+    given = normalize_task(given) if str(given).strip() else ""
+    if not given or not plan.task:
+        return True
+    names = {normalize_task(plan.task), plan.task_name}
+    number = re.match(r"Task0*(\d+)_", plan.task)
+    if number:
+        names.add(normalize_task(number.group(1)))
+    return given in names
+
+
 def find_data_dir(config: Any) -> Path:
     """``--data`` is the preprocessed folder itself or its parent holding ``<task>_<dim>d`` (seed layout)."""
     data = Path(config.data).expanduser().absolute()
-    candidates = [data, data / folder_name(normalize_task(config.task), int(config.dim))]
+    task = normalize_task(config.task) if str(config.task).strip() else DEFAULT_TASK
+    candidates = [data, data / folder_name(task, int(config.dim))]
     for c in candidates:
         if (c / PLAN_FILE).is_file():
             return c
     raise TrainingError(f"no preprocessed dataset at {data} (looked for {PLAN_FILE} in "
                         f"{', '.join(str(c) for c in candidates)}); run `python -m preprocess --task "
-                        f"{config.task} --dim {config.dim} ...` first or point --data at its output")
+                        f"{task} --dim {config.dim} ...` first or point --data at its output")
 
 
 def check_plan(config: Any, plan: Plan, where: Path | str) -> None:
@@ -106,12 +125,17 @@ def check_plan(config: Any, plan: Plan, where: Path | str) -> None:
     problems = []
     if plan.dim != int(config.dim):
         problems.append(f"plan dim {plan.dim} but --dim {config.dim}")
-    if plan.task and normalize_task(plan.task) != normalize_task(config.task):
-        problems.append(f"plan task {plan.task} but --task {config.task}")
+    if not task_matches(config.task, plan):
+        problems.append(f"plan task {plan.task} but --task {config.task} (leave --task out to take the "
+                        "plan's)")
     if plan.topology is None:
         problems.append("plan has no topology")
     elif config.filters and len(config.filters) != plan.topology.depth:
-        problems.append(f"{len(config.filters)} filters given for a {plan.topology.depth}-level topology")
+        topo = plan.topology
+        problems.append(f"--filters {','.join(str(f) for f in config.filters)} gives {len(config.filters)} "
+                        f"widths, but the plan's U-Net has {topo.depth} levels (default filters "
+                        f"{','.join(str(f) for f in topo.filters)}); give {topo.depth} values or leave "
+                        "--filters out")
     if use_brats(config) and plan.n_class not in BRATS_N_CLASS:
         problems.append(f"--brats needs BraTS labels (0-3, or 0, 1, 2, 4), but the plan has n_class "
                         f"{plan.n_class}")
@@ -411,6 +435,26 @@ class _Run:
     train_step: Callable[[TrainState, dict], tuple[TrainState, dict]]
     validate: Callable[[TrainState], dict[str, Any]]
     fp16: bool
+    compiled: set[str] = field(default_factory=set)  # what has been compiled (and said so) in this process
+
+    def once(self, what: str, call: Callable[[], Any]) -> Any:
+        """``call()``; the first time for ``what``, say that it compiles and how long it took (a tiny run's
+        first step is otherwise 40 s of silence)."""
+        if what in self.compiled:
+            return call()
+        self.compiled.add(what)
+        self.note(f"compiling the {what}…")
+        t0 = time.perf_counter()
+        out = jax.block_until_ready(call())
+        self.note(f"compiling the {what}: done in {time.perf_counter() - t0:.1f} s (with its first run)")
+        return out
+
+    def note(self, text: str) -> None:
+        """A line for the user on process 0, above the progress bar when there is one."""
+        if self.main:
+            from tqdm import tqdm
+
+            tqdm.write(text, file=sys.stderr)
 
     @property
     def main(self) -> bool:
@@ -459,7 +503,7 @@ class _Run:
                                       "train_loss": p.loss_sum / steps, "lr": lr}
             improved, next_lr = False, lr
             if epoch >= int(config.skip_first_n_eval):
-                v = self.validate(state)
+                v = self.once("sliding window (validation)", partial(self.validate, state))
                 improved = v["mean_dice"] > p.best_score
                 if improved:
                     p.best_score, p.best_epoch, p.patience = v["mean_dice"], epoch + 1, 0
@@ -531,7 +575,7 @@ class _Run:
         for i, batch in enumerate(data.train_batches(epoch, start), start):
             if i >= steps:
                 break
-            state, metrics = self.train_step(state, batch)
+            state, metrics = self.once("train step", partial(self.train_step, state, batch))
             if pending is not None:
                 j = pending[0]
                 value = settle()
