@@ -25,6 +25,7 @@ import json
 import logging
 import re
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -46,13 +47,38 @@ def _manager(path: Path) -> ocp.CheckpointManager:
 
 
 class _HideOrbaxErrors(logging.Filter):
-    """Drops Orbax's log records while a :class:`Checkpoints` is open: a failed save is reported once, by
-    :class:`SaveError`, not by the ~100 tracebacks its background threads log (unless asked: absl INFO)."""
+    """Drops Orbax's log records: a failed save is reported once, by :class:`SaveError`, not by the ~100
+    tracebacks its background threads log (unless asked for: absl verbosity INFO or more)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         from absl import logging as absl_logging
 
         return "orbax" not in record.pathname or absl_logging.get_verbosity() >= absl_logging.INFO
+
+
+def _hide_orbax_noise() -> None:
+    """Once per process, for as long as it runs (Orbax's threads outlive a failed save): the log filter
+    above, and an excepthook that drops the ``Event loop is closed`` errors TensorStore's callbacks print
+    after a failed asynchronous save (through ``sys.excepthook``)."""
+    global _NOISE_HIDDEN
+    if _NOISE_HIDDEN:
+        return
+    _NOISE_HIDDEN = True
+    logging.getLogger("absl").addFilter(_HideOrbaxErrors())
+    previous = sys.excepthook
+
+    def hook(kind: type[BaseException], value: BaseException, tb: Any) -> None:
+        from absl import logging as absl_logging
+
+        if (kind is RuntimeError and str(value) == "Event loop is closed"
+                and absl_logging.get_verbosity() < absl_logging.INFO):
+            return
+        previous(kind, value, tb)
+
+    sys.excepthook = hook
+
+
+_NOISE_HIDDEN = False
 
 
 def finished_steps(manager_dir: Path) -> list[int]:
@@ -70,12 +96,15 @@ def no_space(error: BaseException) -> bool:
 class Checkpoints:
     """The ``last`` and ``best`` checkpoints of one results directory."""
 
-    def __init__(self, workdir: str | Path):
+    def __init__(self, workdir: str | Path, need_bytes: int = 0):
+        """``need_bytes``: about one checkpoint's size; a save is refused (:class:`SaveError`) before Orbax
+        starts when the disk has less free, since a save Orbax cannot finish fails in its threads."""
         self.root = Path(workdir).absolute() / "checkpoints"
-        self._filter = _HideOrbaxErrors()
-        logging.getLogger("absl").addFilter(self._filter)
+        self.need_bytes = need_bytes
+        _hide_orbax_noise()
         self.managers = {k: _manager(self.root / k) for k in KINDS}
         self.pending: dict[str, int] = {}  # kind -> step of a save not known to be finished
+        self.failed = False  # a SaveError was raised: close() does not raise it again
 
     def save(self, kind: str, step: int, state: Any, meta: dict[str, Any]) -> None:
         """Start an (asynchronous) save; a step already present in ``kind`` is left as it is. Raises
@@ -83,6 +112,11 @@ class Checkpoints:
         mngr = self.managers[kind]
         if step in finished_steps(self.root / kind) or self.pending.get(kind) == step:
             return
+        free = shutil.disk_usage(self.root).free
+        if free < self.need_bytes:
+            self.failed = True
+            raise SaveError(self._failure(kind, step, OSError(errno.ENOSPC, f"{free / 2**20:.1f} MiB free, "
+                                                              f"{self.need_bytes / 2**20:.1f} MiB needed")))
         self._guarded(kind, lambda: mngr.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))), step)
         self.pending[kind] = step
@@ -102,18 +136,22 @@ class Checkpoints:
     def close(self) -> None:
         """Wait for pending saves and release the managers; a failure already reported is not raised again."""
         try:
-            for kind, m in self.managers.items():
-                try:
-                    self._guarded(kind, m.wait_until_finished)
-                finally:
-                    self.pending.pop(kind, None)
+            if not self.failed:
+                self.wait()
         finally:
             for m in self.managers.values():
                 try:
+                    if self.failed:  # let the failed save's threads end before removing what they wrote
+                        m.wait_until_finished()
                     m.close()
                 except Exception:  # noqa: BLE001 - a manager whose save failed; that error was raised
                     pass
-            logging.getLogger("absl").removeFilter(self._filter)
+            if self.failed:
+                self._remove_temps()
+
+    def _remove_temps(self) -> None:
+        for d in self.root.glob(f"*/{ORBAX_TMP}"):
+            shutil.rmtree(d, ignore_errors=True)
 
     def _guarded(self, kind: str, call: Any, step: int | None = None) -> None:
         """Run an Orbax call of ``kind``; a failure (of the pending save of ``kind``, reported late, or else
@@ -122,18 +160,19 @@ class Checkpoints:
             call()
         except Exception as e:  # noqa: BLE001 - Orbax reports write errors as ValueError/OSError/...
             step = self.pending.pop(kind, step)
-            for d in self.root.glob(f"*/{ORBAX_TMP}"):
-                shutil.rmtree(d, ignore_errors=True)
+            self.failed = True
+            self._remove_temps()
             raise SaveError(self._failure(kind, step, e)) from None
 
     def _failure(self, kind: str, step: int | None, error: BaseException) -> str:
-        kept = finished_steps(self.root / kind)
+        kept = finished_steps(self.root / "last")  # what --resume_training continues from
         where = f"checkpoints/{kind}" + (f" (step {step})" if step is not None else "")
-        previous = (f"the previous checkpoint at step {kept[-1]} is intact" if kept
-                    else f"no earlier checkpoint in checkpoints/{kind}")
+        previous = (f"the previous checkpoint at step {kept[-1]} (checkpoints/last) is intact" if kept
+                    else "no checkpoint was finished before")
         if no_space(error):
             free = shutil.disk_usage(self.root).free / 2**20
-            return (f"no space left on {self.root.parent} ({free:.1f} MiB free) while saving {where}; "
+            need = f", about {self.need_bytes / 2**20:.1f} MiB needed" if self.need_bytes else ""
+            return (f"no space left on {self.root.parent} ({free:.1f} MiB free{need}) while saving {where}; "
                     f"{previous}; free space and run again with --resume_training")
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         return (f"could not save {where} in {self.root.parent}: {reason}; {previous}; fix this and run "

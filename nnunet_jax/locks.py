@@ -75,8 +75,11 @@ def folder_lock(folder: str | os.PathLike, what: str, beside: bool = False,
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = _acquire(path, folder)
     try:
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()} {what}\n".encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()} {what}\n".encode(), 0)
+        except OSError as e:  # a full disk: say which folder could not be used
+            raise OSError(e.errno, e.strerror, str(folder)) from e
         if clean:
             remove_stale(folder)
             if beside:  # the folder is built as a temp beside it, then renamed into place

@@ -54,7 +54,8 @@ def test_failed_save_stops_at_once_with_one_line_and_consistent_files(tmp_path, 
     assert "\n" not in message
     assert f"no space left on {work}" in message
     assert "while saving checkpoints/" in message and "(step 6)" in message
-    assert "the previous checkpoint at step 3 is intact" in message and "--resume_training" in message
+    assert "the previous checkpoint at step 3 (checkpoints/last) is intact" in message
+    assert "--resume_training" in message
     assert _logged_epochs(work) == [1]  # no logged epoch without a checkpoint behind it
     assert ckpt_lib.read_meta(work)["epoch"] == 1
     assert not list((work / "checkpoints").glob(f"*/{ckpt_lib.ORBAX_TMP}"))

@@ -42,8 +42,9 @@ def test_train_py_without_task_takes_the_plans(tmp_path):
 
     generate(tmp_path / "data", cases=2, test_cases=0, seed=1)
     out = preprocess_dataset(tmp_path / "data", "00", 3, tmp_path / "pre", progress=False)
-    proc = subprocess.run([sys.executable, "train.py", "--data", str(out), "--results", str(tmp_path / "run"),
-                           "--filters", "4,8", "--nfolds", "2"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    cmd = [sys.executable, "train.py", "--data", str(out), "--results", str(tmp_path / "run"),
+           "--filters", "4,8", "--nfolds", "2"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr
     assert "--task" not in proc.stderr and "levels (default filters" in proc.stderr
     assert "Traceback" not in proc.stderr

@@ -405,21 +405,22 @@ def _train_and_evaluate(config: Any, workdir: Path, data: DataSource | None, eva
     # -- train
     loss_fn = make_loss(focal=bool(config.focal), brats=labels.brats,
                         deep_supervision=bool(config.deep_supervision))
-    run = _Run(config, workdir, data, plan, identity, ckpt_lib.Checkpoints(workdir),
+    run = _Run(config, workdir, data, plan, identity, ckpt_lib.Checkpoints(workdir, state_bytes(target)),
                step_lib.make_train_step(model, loss_fn, tx, mesh, fp16), validate, fp16)
     try:
-        if meta is not None:
-            state, progress = run.resume(target)
-        else:
-            state = step_lib.init_state(model, tx, plan.input_shape, int(config.seed), mesh, fp16)
-            progress = Progress()
-            if run.main and run.logs.exists():
-                run.logs.unlink()  # a previous run here never reached a checkpoint: its lines mean nothing
-        return run.train(state, progress)
+        try:
+            if meta is not None:
+                state, progress = run.resume(target)
+            else:
+                state = step_lib.init_state(model, tx, plan.input_shape, int(config.seed), mesh, fp16)
+                progress = Progress()
+                if run.main and run.logs.exists():
+                    run.logs.unlink()  # a previous run here reached no checkpoint: its lines mean nothing
+            return run.train(state, progress)
+        finally:
+            run.ckpts.close()  # may be where a failed save is first reported
     except ckpt_lib.SaveError as e:
         raise TrainingError(str(e)) from None
-    finally:
-        run.ckpts.close()
 
 
 @dataclass
