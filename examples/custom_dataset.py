@@ -260,7 +260,7 @@ config.min_epochs = config.max_epochs = EPOCHS
 
 shutil.rmtree(RUN, ignore_errors=True)
 summary = train_and_evaluate(config)
-print(f"best validation mean Dice: {summary['TOP_mean']:.2f} (epoch {summary['best_epoch']})")
+print(f"best validation mean Dice (%): {summary['TOP_mean']:.2f} (epoch {summary['best_epoch']})")
 
 # %% [markdown]
 # ## 6. Predict and score
@@ -278,10 +278,10 @@ predictor = Predictor.from_checkpoints(RUN)
 _, val_cases = split_cases(written_plan.training_cases, FOLD)
 preds_val = RUN / "preds_val"
 predict_inputs(predictor, [DATASET / "imagesTr" / f"{c}.nii.gz" for c in val_cases], preds_val)
-report = scoring.evaluate_folders(preds_val, DATASET / "labelsTr", n_class=dataset.n_class)
-report.missing = [c for c in report.missing if c in val_cases]  # labelsTr also holds the training cases
+# labelsTr also holds the training cases: only the fold's validation cases are expected
+report = scoring.evaluate_folders(preds_val, DATASET / "labelsTr", n_class=dataset.n_class, cases=val_cases)
 print(scoring.format_table(report))
-print(f"fold {FOLD} validation mean dice: {report.summary()['dice']:.4f}")
+print(f"fold {FOLD} validation mean dice (%): {report.summary()['dice']:.2f}")  # percent, as training logs
 
 preds_test = RUN / "preds_test"
 for path in sorted((DATASET / "imagesTs").glob("*.nii.gz")):

@@ -146,7 +146,7 @@ config.min_epochs = config.max_epochs = EPOCHS
 
 shutil.rmtree(RUN, ignore_errors=True)  # a fresh run (resume_training=True would continue the old one)
 summary = train_and_evaluate(config)
-print(f"best mean Dice during training: {summary['TOP_mean']:.2f} (epoch {summary['best_epoch']})")
+print(f"best mean Dice (%) during training: {summary['TOP_mean']:.2f} (epoch {summary['best_epoch']})")
 
 # %% [markdown]
 # ## 4. Predict
@@ -179,27 +179,28 @@ for image in sorted((task_dir / "imagesTs").glob("*.nii.gz")):
 # ## 5. Evaluate
 #
 # Predictions and labels are paired by case name; Dice follows the seed's rule (a class absent from both
-# counts 1), HD95 and NSD are in millimetres from the NIfTI spacing.
+# counts 100 %) and is in percent, as training logs it; HD95 is in millimetres from the NIfTI spacing, NSD in
+# percent. `labelsTr` holds every training case, but we predicted only the fold's validation cases: `cases`
+# says which ones are expected (any of those without a prediction would be listed as not scored).
 
 # %%
-report = scoring.evaluate_folders(preds_val, task_dir / "labelsTr", hd95=True, nsd=True)
-# labelsTr holds every training case, we predicted only the fold's validation cases: only those can be missing
-report.missing = [case for case in report.missing if case in val_cases]
+report = scoring.evaluate_folders(preds_val, task_dir / "labelsTr", hd95=True, nsd=True, cases=val_cases)
 print(scoring.format_table(report))
 scoring.write_json(report, preds_val / "evaluation.json")
-mean_dice = report.summary()["dice"]  # 0-1 scale, mean over classes of the per-class means
-print(f"fold {FOLD} validation mean dice: {mean_dice:.4f}")
+mean_dice = report.summary()["dice"]  # percent (0-100), mean over classes of the per-class means
+print(f"fold {FOLD} validation mean dice (%): {mean_dice:.2f}")
 
 # %% [markdown]
 # ## 6. Pictures
 #
-# Training curves (loss, per-class validation Dice, learning rate) from `logs.json`, and for each validation
-# case the predicted mask (top row) and the reference (bottom row) over the slices with most foreground.
+# Training curves (loss, per-class validation Dice in percent, learning rate) from `logs.json`, the classes
+# named after the plan's labels, and for each validation case the prediction filled and the reference
+# outlined, on slices spread over the foreground.
 
 # %%
 pictures = RUN / "pictures"
-curves = plots.plot_training_curves(RUN / "logs.json", pictures / "curves.png")
-names = {int(k): v for k, v in plan.labels.items()}
+names = plan.class_names()  # {1: "oedema", 2: "core"}: label value -> the dataset's name
+curves = plots.plot_training_curves(RUN / "logs.json", pictures / "curves.png", names)
 overlays = [
     plots.overlay_files(task_dir / "imagesTr" / f"{case}.nii.gz", preds_val / f"{case}.nii.gz",
                             pictures / f"{case}_overlay.png", label=task_dir / "labelsTr" / f"{case}.nii.gz",

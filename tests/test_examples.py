@@ -78,10 +78,10 @@ def seed_dice(pred: np.ndarray, label: np.ndarray, n_class: int) -> list[float]:
 
 
 def printed_mean_dice(stdout: str) -> float:
-    match = re.search(r"validation mean dice: (\S+)", stdout)
+    match = re.search(r"validation mean dice \(%\): (\S+)", stdout)
     assert match, f"no mean dice printed:\n{stdout[-2000:]}"
     value = float(match.group(1))
-    assert 0.0 <= value <= 1.0
+    assert 0.0 <= value <= 100.0  # percent, as training logs it
     return value
 
 
@@ -103,8 +103,9 @@ def test_quickstart(tmp_path):
         dice.append(seed_dice(pred, label, 3))
         assert_png(run / "pictures" / f"{case}_overlay.png")
     assert sorted(p.name for p in (run / "preds_val").glob("*.nii.gz")) == [f"{c}.nii.gz" for c in val_cases]
-    # The printed score is the Dice of the files on disk (mean over cases per class, then over classes).
-    assert printed_mean_dice(stdout) == pytest.approx(float(np.mean(np.mean(dice, axis=0))), abs=1e-4)
+    # The printed score is the Dice of the files on disk (mean over cases per class, then over classes), in
+    # percent with two decimals.
+    assert printed_mean_dice(stdout) == pytest.approx(100 * float(np.mean(np.mean(dice, axis=0))), abs=1e-2)
     saved = json.loads((run / "preds_val" / "evaluation.json").read_text())
     assert saved["n_cases"] == len(val_cases)
 

@@ -1,6 +1,8 @@
 """The README cannot drift from the code: its flag tables are the scripts' own flags, and every command it
-shows that can run without a GPU, a Docker engine or the internet is executed here, literally, with tiny
-settings appended (1 epoch, tiny filters) and ``/data``, ``/results`` moved into a temp folder. The MSD
+shows that can run without a GPU, a Docker engine or the internet is executed here as a user types it after
+the set-up: in bash, from a PATH without the project's environment, after the README's own activation line
+(``source .venv/bin/activate``), with ``/data``, ``/results`` moved into a temp folder. The CPU-sized Quick
+start runs literally; the GPU-sized commands get tiny settings appended (1 epoch, tiny filters). The MSD
 download is served from a local archive of a small Hippocampus-like task on 127.0.0.1.
 """
 
@@ -43,7 +45,7 @@ def test_every_bash_block_is_classified():
     untagged = [lines[0] for tag, lines in bash_blocks() if tag is None]
     assert not untagged, f"README bash blocks without a <!-- readme-test: ... --> marker: {untagged}"
     tags = {tag for tag, _ in bash_blocks()}
-    assert {"setup", "msd", "resume", "folds", "custom", "multigpu"} <= tags
+    assert {"setup", "activate", "cpu", "msd", "resume", "folds", "custom", "multigpu"} <= tags
 
 
 def test_flag_tables_match_the_code():
@@ -120,21 +122,41 @@ def archive_server(tmp_path_factory):
     server.shutdown()
 
 
-class Runner:
-    """Runs README command lines as a user would (bash, the project's python first on PATH)."""
+def user_env(**extra: str) -> dict[str, str]:
+    """The environment of a new shell after the set-up: the project's environment is NOT on PATH (the README
+    says to activate it; pytest itself may run from it), no simulated devices (conftest's 8 are for tests)."""
+    venv_bins = {Path(sys.executable).parent.resolve(), (ROOT / ".venv" / "bin").resolve()}
+    path = [p for p in os.environ.get("PATH", "").split(os.pathsep)
+            if p and Path(p).resolve() not in venv_bins]
+    env = dict(os.environ, PATH=os.pathsep.join(path), JAX_PLATFORMS="cpu", **extra)
+    for name in ("XLA_FLAGS", "VIRTUAL_ENV", "PYTHONHOME"):
+        env.pop(name, None)
+    return env
 
-    def __init__(self, tmp: Path, url: str):
+
+class Runner:
+    """Runs README command lines as a user would: bash, the README's activation line, then the command."""
+
+    def __init__(self, tmp: Path, url: str = ""):
         self.data, self.results = tmp / "data", tmp / "results"
         self.url = url
-        self.env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-                        JAX_PLATFORMS="cpu")
-        self.env.pop("XLA_FLAGS", None)  # the commands set their own (conftest's 8 devices are for tests)
+        self.env = user_env()
         self.filters = "4,8,16,32"
+        self.activate = " && ".join(block("activate"))
+        assert (ROOT / ".venv" / "bin" / "activate").is_file(), "the README's set-up builds .venv first"
+        python = subprocess.run(["bash", "-c", f"{self.activate} && command -v python"], cwd=ROOT,
+                                env=self.env, capture_output=True, text=True, check=False).stdout.strip()
+        assert python and Path(python).parent.resolve() == (ROOT / ".venv" / "bin").resolve(), (
+            f"after the README's activation line, python is {python!r}, not .venv's")
+
+    def paths(self, line: str) -> str:
+        """Move /data and /results into the temp folder."""
+        line = re.sub(r"(?<![\w.])/data\b", str(self.data), line)
+        return re.sub(r"(?<![\w.])/results\b", str(self.results), line)
 
     def tiny(self, line: str) -> str:
         """Move /data and /results into the temp folder and append tiny settings to each invocation."""
-        line = re.sub(r"(?<![\w.])/data\b", str(self.data), line)
-        line = re.sub(r"(?<![\w.])/results\b", str(self.results), line)
+        line = self.paths(line)
         extra = {
             "-m preprocess.download": f"--url {self.url}",
             "train.py": f"{TINY_TRAIN} --filters {self.filters}",
@@ -149,11 +171,12 @@ class Runner:
 
         return re.sub(r"python [^;&|#]*?(?=\s*(?:;|&&|\||#|$))", add, line)
 
-    def run(self, line: str, extra: str = "") -> str:
-        """Run one README line (``extra`` is appended after the tiny settings, so it wins over them)."""
-        cmd = f"{self.tiny(line)} {extra}".strip()
-        out = subprocess.run(["bash", "-c", cmd], cwd=ROOT, env=self.env, capture_output=True, text=True,
-                             timeout=900, check=False)
+    def run(self, line: str, extra: str = "", literal: bool = False) -> str:
+        """Run one README line after the activation line (``extra`` is appended after the tiny settings, so
+        it wins over them; ``literal``: no tiny settings, only the paths moved)."""
+        cmd = f"{self.paths(line) if literal else self.tiny(line)} {extra}".strip()
+        out = subprocess.run(["bash", "-c", f"{self.activate} && {cmd}"], cwd=ROOT, env=self.env,
+                             capture_output=True, text=True, timeout=900, check=False)
         tail = f"{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
         assert out.returncode == 0, f"README command failed: {cmd}\n{tail}"
         return out.stdout + out.stderr
@@ -182,7 +205,8 @@ def test_readme_msd_workflow(tmp_path, archive_server):
         mask = nib.load(str(p))
         assert mask.shape == src.shape and np.allclose(mask.affine, src.affine)
         assert set(np.unique(np.asarray(mask.dataobj))) <= {0, 1, 2}
-    assert "mean dice" in outputs[6]
+    assert re.search(r"mean dice \(%\): \d+\.\d+", outputs[6])
+    assert "fold 0 of 5: 2 validation cases expected" in outputs[6]  # --fold 0 --data: only those scored
     assert (r.results / "preds_fold0" / "evaluation.json").is_file()
     assert len(list((r.results / "preds_test").glob("*.nii.gz"))) == 2
     assert "img/s" in outputs[8] and (ROOT / "perf.json").exists()
@@ -197,6 +221,8 @@ def test_readme_msd_workflow(tmp_path, archive_server):
     assert out.returncode == 0, out.stderr[-3000:]
     src = nib.load(str(r.data / "Task04_Hippocampus" / "imagesTs" / "hippocampus_002.nii.gz"))
     assert f"LABELS {tuple(src.shape[::-1])} uint8" in out.stdout  # (Z, Y, X) of the (X, Y, Z) NIfTI
+    saved = nib.load(str(r.results / "preds_api" / "hippocampus_002.nii.gz"))  # save_prediction's file
+    assert saved.shape == src.shape and np.allclose(saved.affine, src.affine)
 
     r.run(block("resume")[0], extra="--max_epochs 2")
     logs = [json.loads(ln) for ln in (run0 / "logs.json").read_text().splitlines()]
@@ -225,17 +251,35 @@ def test_readme_msd_workflow(tmp_path, archive_server):
 
 
 @pytest.mark.slow
+def test_readme_cpu_quick_start(tmp_path):
+    """The CPU-sized Quick start exactly as written (only /data and /results moved): it finishes, on CPU, and
+    leaves what the README says."""
+    r = Runner(tmp_path)
+    outputs = [r.run(line, literal=True) for line in block("cpu")]
+    evaluation = next(out for line, out in zip(block("cpu"), outputs, strict=True) if "evaluate.py" in line)
+    mean = re.search(r"mean dice \(%\): (\d+\.\d+)", evaluation)
+    assert mean and float(mean.group(1)) > 50, evaluation[-2000:]  # 20 epochs learn the synthetic lesions
+    assert re.search(r"mean hd95 \(mm\): \d", evaluation) and re.search(r"mean nsd \(%\): \d", evaluation)
+    preds = r.results / "00_preds_fold0"
+    scores = json.loads((preds / "evaluation.json").read_text())
+    assert scores["n_cases"] == 4 and not scores["not_scored"] and scores["classes"] == ["oedema", "core"]
+    assert len(list(preds.glob("*.nii.gz"))) == 4 and len(list(preds.glob("*_overlay.png"))) == 4
+    assert len(list((r.results / "00_preds_test").glob("*.nii.gz"))) == 3
+    logs = [json.loads(ln) for ln in (r.results / "00_3d_fold0" / "logs.json").read_text().splitlines()]
+    assert [rec["epoch"] for rec in logs] == list(range(1, 21))
+    assert (r.results / "00_3d_fold0" / "curves.png").is_file()
+
+
+@pytest.mark.slow
 def test_readme_demo_script(tmp_path):
     """The README's first set-up command (the main job) with a small task and one epoch."""
     setup = block("setup")
     assert setup == ["bash scripts/demo.sh", "bash scripts/test.sh"]
-    env = dict(os.environ, DATA=str(tmp_path / "data"), RESULTS=str(tmp_path / "results"), EPOCHS="1",
-               CASES="6", JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)
+    env = user_env(DATA=str(tmp_path / "data"), RESULTS=str(tmp_path / "results"), EPOCHS="1", CASES="6")
     out = subprocess.run(["bash", "-c", setup[0]], cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=900, check=False)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert re.search(r"mean dice: \d\.\d+", out.stdout)
+    assert re.search(r"mean dice \(%\): \d+\.\d+", out.stdout)
     run = tmp_path / "results" / "00_3d_fold0"
     assert (run / "curves.png").is_file() and list((run / "preds_val").glob("*_overlay.png"))
     assert len(list((run / "preds_test").glob("*.nii.gz"))) == 3

@@ -96,6 +96,8 @@ def run_app(main: Callable[[list[str]], int | None], define_flags: Callable[[], 
     define_flags()
     _define_help_flags()
     fv = flags.FLAGS
+    if os.path.basename(sys.argv[0]) == "__main__.py":  # python -m preprocess: help says that, not a path
+        sys.argv[0] = f"python -m {os.path.basename(os.path.dirname(sys.argv[0]))}"
     for flag in fv.get_flags_for_module(module):  # --help shows the key flags of sys.argv[0]
         fv.register_key_flag_for_module(sys.argv[0], flag)
     main_module = sys.modules.get("__main__")

@@ -74,6 +74,12 @@ def _spec(batch_size: int):
         raise ValueError(f"patch {patch} is not {dim}D")
     filters = [int(f) for f in FLAGS.filters] if FLAGS.filters else None
     if topo is None or filters is not None:
+        levels = plan_topology(patch, spacing)  # the network this patch and spacing give, default widths
+        if filters is not None and len(filters) != levels.depth:
+            raise ValueError(
+                f"--filters {','.join(map(str, filters))} gives {len(filters)} widths, but patch "
+                f"{','.join(map(str, patch))} gives a {levels.depth}-level U-Net (default filters "
+                f"{','.join(map(str, levels.filters))}); give {levels.depth} values or leave --filters out")
         topo = plan_topology(patch, spacing, filters=filters)
     return BenchSpec(mode=FLAGS.mode, dim=dim, batch_size=batch_size, patch=tuple(int(p) for p in patch),
                      in_channels=in_channels, n_class=n_class, kernels=topo.kernels, strides=topo.strides,
@@ -86,9 +92,14 @@ def main(argv: list[str]) -> int:
     del argv
     from nnunet_jax import benchmarking
 
+    try:  # every row's settings checked before the first (long) measurement
+        specs = [_spec(int(b)) for b in FLAGS.batch_size]
+    except ValueError as e:  # a bad --filters, --patch, --task or --data: one line, no traceback
+        print(f"benchmark: {e}", file=sys.stderr)
+        return 2
     results, lines = [], []
-    for bs in (int(b) for b in FLAGS.batch_size):
-        spec = _spec(bs)
+    print(benchmarking.HEADER, flush=True)  # then each row once, as soon as it is measured
+    for spec in specs:
         ours = benchmarking.run_jax(spec, FLAGS.data)
         results.append(ours)
         print(benchmarking.format_rows([ours]).splitlines()[-1], flush=True)
@@ -99,9 +110,8 @@ def main(argv: list[str]) -> int:
                 print(f"benchmark: MONAI baseline skipped (torch/monai not installed: {e})", file=sys.stderr)
                 continue
             results.append(base)
+            print(benchmarking.format_rows([base]).splitlines()[-1], flush=True)
             lines.append(benchmarking.ratio_line(ours, base))
-    print()
-    print(benchmarking.format_rows(results))
     for line in lines:
         print(line)
     path = benchmarking.write_perf_json(results, Path(FLAGS.results) / FLAGS.logname,

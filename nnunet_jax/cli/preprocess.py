@@ -1,9 +1,16 @@
-"""``python -m preprocess``: the seed's preprocess.py command line (flag names as users know them).
+"""Preprocess an MSD task or a custom dataset for training and prediction (the seed's preprocess.py flags).
 
     python -m preprocess --task 01 --dim 3 --data /data --results /data --exec_mode training --n_jobs 8
     python -m preprocess --task /path/to/MyDataset --dim 3 --data . --results out --patch_size 96,96,96
 
-See :mod:`preprocess` for what is written where.
+Reads DATA/TaskXX_Name/ (dataset.json, imagesTr/, labelsTr/, imagesTs/) and writes OUT = RESULTS/XX_<dim>d/
+(a dataset folder given as --task: RESULTS/<its name>_<dim>d/), by --exec_mode:
+  training  the labelled cases, cropped, resampled, normalised and padded to the patch, and plan.json
+  val       the same labelled cases without padding, in OUT/val (to predict a fold's validation cases)
+  test      the unlabelled test images, in OUT/test
+Per case: <case>_x.npy (image), <case>_y.npy (label; not in test), <case>_meta.npy (what maps a prediction
+back to the source image).
+Installed without the checkout, the same command is nnunet-preprocess.
 """
 
 from __future__ import annotations
