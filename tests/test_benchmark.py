@@ -129,3 +129,12 @@ def test_cli_real_preprocessed_data(tmp_path):
     batches = benchmarking.real_batches(data, benchmarking.BenchSpec(
         "predict", 2, 3, (16, 16), 2, 3, (), (), ()), global_batch=3, n_batches=2)
     assert batches[0]["image"].shape == (3, 16, 16, 2) and batches[0]["label"].shape == (3, 16, 16, 1)
+
+
+def test_cli_filters_not_matching_the_levels_is_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmark.py"), "--mode", "train", "--dim", "2",
+                           "--patch", "32,32", "--filters", "4,8,16,32,64,128,256,512", "--results",
+                           str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert "default filters" in proc.stderr

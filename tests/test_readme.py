@@ -280,6 +280,11 @@ def test_readme_demo_script(tmp_path):
                          timeout=900, check=False)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert re.search(r"mean dice \(%\): \d+\.\d+", out.stdout)
+    # the whole console output holds no line of absl, Orbax, JAX or XLA's logging
+    library = re.compile(r"^[IWEF]\d{4} |^(INFO|WARNING|ERROR):(absl|jax|orbax)|orbax|xla_bridge|"
+                         r"Unable to initialize backend|TF_CPP|absl::")
+    noise = [ln for ln in (out.stdout + out.stderr).splitlines() if library.search(ln)]
+    assert noise == [], noise[:10]
     run = tmp_path / "results" / "00_3d_fold0"
     assert (run / "curves.png").is_file() and list((run / "preds_val").glob("*_overlay.png"))
     assert len(list((run / "preds_test").glob("*.nii.gz"))) == 3
