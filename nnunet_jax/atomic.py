@@ -70,7 +70,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         os.chmod(tmp, _umask_mode(0o666))  # mkstemp creates 0600
         os.replace(tmp, path)
     except OSError as e:
-        if e.filename in (None, tmp):  # write() on a full disk names no file; name the one the user asked for
+        if e.errno is not None and e.filename in (None, tmp):  # ENOSPC from write() names no file: name ours
             raise OSError(e.errno, e.strerror, str(path)) from e
         raise
     finally:
