@@ -103,9 +103,9 @@ def leftovers(folder: Path) -> list[str]:
 
 
 def error_lines(stderr: str) -> list[str]:
-    """The lines of stderr that are not our progress notes."""
+    """The lines of stderr that are not our progress notes or progress bars."""
     notes = ("compiling the", "note:", "warning:", "predicting ")
-    return [ln for ln in stderr.splitlines() if ln.strip() and not ln.startswith(notes)]
+    return [ln for ln in stderr.splitlines() if ln.strip() and not ln.startswith(notes) and "%|" not in ln]
 
 
 def steps_of(results: Path) -> list[int]:

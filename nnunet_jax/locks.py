@@ -11,6 +11,7 @@ holder does at start. The holder removes the lock file when it is done (a killed
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 from collections.abc import Iterator
@@ -78,8 +79,11 @@ def folder_lock(folder: str | os.PathLike, what: str, beside: bool = False,
         try:
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()} {what}\n".encode(), 0)
-        except OSError as e:  # a full disk: say which folder could not be used
-            raise OSError(e.errno, e.strerror, str(folder)) from e
+        except OSError as e:
+            if e.errno != errno.ENOSPC:
+                raise OSError(e.errno, e.strerror, str(folder)) from e
+            # a full disk: the lock holds without its note (a refusal then names no PID); the run's own
+            # checks say how much space it needs
         if clean:
             remove_stale(folder)
             if beside:  # the folder is built as a temp beside it, then renamed into place

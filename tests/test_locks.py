@@ -125,3 +125,20 @@ def test_predict_refused_while_its_output_folder_is_in_use(tmp_path, holder):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2, out.stderr
     assert f"PID {proc.pid}" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_lock_holds_on_a_full_disk(tmp_path, monkeypatch):
+    """The holder's note cannot be written on a full disk: the lock still holds, so the run's own checks can
+    say how much space it needs."""
+    import errno
+
+    import nnunet_jax.locks as locks
+
+    def no_space(fd, data, offset):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(locks.os, "pwrite", no_space)
+    with folder_lock(tmp_path / "run", "test"):
+        with pytest.raises(FolderBusyError, match="a process"), folder_lock(tmp_path / "run", "other"):
+            pass
+    assert not (tmp_path / "run").exists()
