@@ -224,8 +224,11 @@ def full_disk(s: Setup) -> list[tuple[str, bool, str]]:
         run = mnt / "run"
         proc = start(*s.train_args(run, every=0))
         deadline = time.time() + 600
-        while not logs(run) and proc.poll() is None and time.time() < deadline:
+        best = run / "checkpoints" / "best"
+        while not (steps_of(run) and any(p.name.isdigit() for p in best.glob("*"))) and proc.poll() is None \
+                and time.time() < deadline:  # epoch 1's last and best are on disk: between two saves
             time.sleep(0.1)
+        time.sleep(0.5)
         filler = fill(mnt)
         out, err = proc.communicate(timeout=900)
         (s.work / "disk-fills.stderr").write_text(err)

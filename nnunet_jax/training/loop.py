@@ -269,14 +269,18 @@ def _plot_curves(logs: Path, workdir: Path, plan: Plan) -> None:
 
 
 def _truncate_logs(path: Path, epochs_done: int) -> None:
-    """Keep the log lines of the epochs the restored state has completed (drop those of a killed run)."""
+    """Keep the log lines of the epochs the restored state has completed (drop those of a killed run, or of
+    an epoch whose save failed). The lines are in epoch order, so this cuts the file in place: it needs no
+    free space (the disk may be full)."""
     if not path.exists():
         return
-    kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("epoch", 0)
-            <= epochs_done]
-    from nnunet_jax.atomic import write_text
-
-    write_text("".join(ln + "\n" for ln in kept), path)
+    size = 0
+    with path.open("rb") as f:
+        for line in f:
+            if line.strip() and (not line.endswith(b"\n") or json.loads(line).get("epoch", 0) > epochs_done):
+                break
+            size += len(line)
+    os.truncate(path, size)
 
 
 def _append_log(path: Path, record: dict[str, Any]) -> None:
@@ -420,6 +424,8 @@ def _train_and_evaluate(config: Any, workdir: Path, data: DataSource | None, eva
         finally:
             run.ckpts.close()  # may be where a failed save is first reported
     except ckpt_lib.SaveError as e:
+        if run.main:  # no logged epoch without a checkpoint behind it
+            _truncate_logs(run.logs, (ckpt_lib.read_meta(workdir, "last") or {}).get("epoch", 0))
         raise TrainingError(str(e)) from None
 
 
@@ -522,16 +528,16 @@ class _Run:
             p.end_epoch()
             if next_lr != lr:
                 state = state.replace(opt_state=optim.set_learning_rate(state.opt_state, next_lr))
-            if improved:
-                self.save("best", state, p)
-            self.save("last", state, p)
-            self.ckpts.wait()  # an epoch is logged only once its checkpoint is on disk (SaveError if not)
-            if self.main:
+            if self.main:  # logged first: a kill before the save leaves a line that resume drops
                 _append_log(self.logs, record)
                 if config.progress:
                     from tqdm import tqdm
 
                     tqdm.write(json.dumps(record))
+            if improved:
+                self.save("best", state, p)
+            self.save("last", state, p)
+            self.ckpts.wait()  # a failed save stops the run here (SaveError; its log line is dropped)
             summary = {**record, "stopped": "max_epochs"}
             if p.epoch >= int(config.min_epochs) and p.patience >= int(config.patience):
                 summary["stopped"] = "early_stopping"
