@@ -63,12 +63,11 @@ def _acquire(path: Path, folder: Path) -> int:
 
 
 @contextmanager
-def folder_lock(folder: str | os.PathLike, what: str, beside: bool = False,
-                clean: bool = True) -> Iterator[Path]:
+def folder_lock(folder: str | os.PathLike, what: str, beside: bool = False) -> Iterator[Path]:
     """Hold ``folder``'s lock for the ``with`` block (creating the folder), or raise :class:`FolderBusyError`
     at once naming the folder and the holder. ``what`` (e.g. ``"train.py"``) is recorded for that message.
-    ``clean`` first removes the temp files that killed writers left in the folder (``beside``: and the
-    folder's own temp copies next to it). On release the lock file is removed, and so are the folders this
+    It first removes the temp files that killed writers left in the folder (``beside``: and the folder's
+    own temp copies next to it). On release the lock file is removed, and so are the folders this
     call created that stayed empty (a run that failed before writing anything leaves nothing behind)."""
     folder = Path(folder).absolute()
     path = lock_file(folder, beside)
@@ -84,10 +83,9 @@ def folder_lock(folder: str | os.PathLike, what: str, beside: bool = False,
                 raise OSError(e.errno, e.strerror, str(folder)) from e
             # a full disk: the lock holds without its note (a refusal then names no PID); the run's own
             # checks say how much space it needs
-        if clean:
-            remove_stale(folder)
-            if beside:  # the folder is built as a temp beside it, then renamed into place
-                remove_stale(folder.parent, folder.name)
+        remove_stale(folder)
+        if beside:  # the folder is built as a temp beside it, then renamed into place
+            remove_stale(folder.parent, folder.name)
         yield path
     finally:
         path.unlink(missing_ok=True)  # while still holding it: a waiting opener sees the inode change

@@ -46,7 +46,7 @@ def define_flags() -> None:
     flags.DEFINE_boolean("save_preds", False, "Also save float probabilities <case>.npy (C, Z, Y, X).")
     flags.DEFINE_boolean("save_nifti", True, "Save NIfTI label maps in the source geometry.")
     flags.DEFINE_integer("fold", None, "Predict only this fold's validation cases of the preprocessed folder "
-                         "(the reference's 5-fold split of the plan's training cases).")
+                         "(training's split of the plan's training cases, with the run's --nfolds).")
     flags.DEFINE_boolean("overlays", False, "Also draw <case>_overlay.png: the mask over slices of "
                          "its image.")
     flags.DEFINE_boolean("brats", False, "The model has BraTS region outputs (WT, TC, ET sigmoids); Orbax "
