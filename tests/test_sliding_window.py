@@ -199,3 +199,65 @@ def test_bad_input():
         sliding_window_inference(np.zeros((8, 8, 1), np.float32), identity, None, (8, 8, 8))
     with pytest.raises(ValueError, match="overlap"):
         sliding_window_inference(np.zeros((8, 8, 1), np.float32), identity, None, (8, 8), overlap=1.0)
+
+
+def _v2_reference(volume, fn, roi, step=0.5, dtype=np.float16):
+    """nnU-Net v2's sliding window (docs/nnunetv2.md §4) as plain NumPy loops: centred zero padding, its
+    tiles and Gaussian, buffers of ``dtype`` rounded after every addition, L / W in ``dtype``."""
+    from nnunet_jax.inference.sliding_window import v2_gaussian, v2_window_starts
+
+    shape = volume.shape[:-1]
+    pads = [(max(r - s, 0) // 2, max(r - s, 0) - max(r - s, 0) // 2) for s, r in zip(shape, roi, strict=True)]
+    v = np.pad(volume, pads + [(0, 0)])
+    g = v2_gaussian(tuple(roi)).astype(np.float32)
+    acc = wsum = None
+    for start in v2_window_starts(v.shape[:-1], roi, step):
+        sl = tuple(slice(a, a + r) for a, r in zip(start, roi, strict=True))
+        p = fn(v[sl]) * g[..., None]
+        if acc is None:
+            acc = np.zeros((*v.shape[:-1], p.shape[-1]), dtype)
+            wsum = np.zeros(v.shape[:-1], dtype)
+        acc[sl] = (acc[sl].astype(np.float32) + p).astype(dtype)
+        wsum[sl] = (wsum[sl].astype(np.float32) + g).astype(dtype)
+    out = (acc.astype(np.float32) / wsum[..., None].astype(np.float32)).astype(dtype)
+    return out[tuple(slice(a, a + s) for (a, _), s in zip(pads, shape, strict=True))]
+
+
+@pytest.mark.parametrize("shape", [(30, 47, 35), (10, 20, 40), (60, 70, 56)])
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_v2_grid_fp16_accumulation_is_bit_exact(shape, batch_size):
+    """grid='nnunetv2' rounds every tile sum to fp16 in v2's tile order, so it equals v2's loops bit for bit
+    (a linear map on dyadic values keeps the per-tile outputs exact on both sides); the large-patch case has
+    fp16-subnormal Gaussian corners. fp32 accumulation differs from fp16 (the mode matters)."""
+    rng = np.random.default_rng(1)
+    roi = (44, 56, 56) if shape[0] >= 44 else (12, 20, 18)
+    w = (np.round(rng.normal(size=(2, 3)) * 20) / 4).astype(np.float32)
+    volume = (np.round(rng.normal(size=(*shape, 2)) * 8) / 8).astype(np.float32)
+    ours = np.asarray(sliding_window_inference(volume, linear, w, roi, batch_size=batch_size, grid="nnunetv2"))
+    ref = _v2_reference(volume, lambda x: (x.astype(np.float64) @ w).astype(np.float32), roi)
+    assert ours.dtype == np.float16
+    np.testing.assert_array_equal(ours, ref)
+    f32 = np.asarray(sliding_window_inference(volume, linear, w, roi, batch_size=batch_size, grid="nnunetv2",
+                                              accumulate="float32"))
+    assert f32.dtype == np.float32 and not np.array_equal(f32.astype(np.float16), ours)
+    ref32 = _v2_reference(volume, lambda x: (x.astype(np.float64) @ w).astype(np.float32), roi,
+                          dtype=np.float32)
+    np.testing.assert_allclose(f32, ref32, rtol=1e-5, atol=1e-5)
+
+
+def test_v2_tiles_and_mirroring():
+    from nnunet_jax.inference.sliding_window import mirrored, v2_window_starts
+
+    starts = v2_window_starts((100, 57, 44), (44, 56, 44), 0.5)
+    assert sorted(set(starts[:, 0].tolist())) == [0, 19, 37, 56]  # docs/nnunetv2.md §4's example
+    assert sorted(set(starts[:, 1].tolist())) == [0, 1] and set(starts[:, 2].tolist()) == {0}
+    assert starts[:3, 2].tolist() == [0, 0, 0] and starts[:2, 1].tolist() == [0, 1]  # a0 outermost
+    x = jnp.asarray(np.random.default_rng(2).normal(size=(2, 6, 5, 4, 1)), jnp.float32)
+    pos = mirrored(positional, (0, 1, 2))
+    params = _params(c_in=1)
+    expect = sum(jnp.flip(positional(params, jnp.flip(x, a)), a)
+                 for a in [(), (1,), (2,), (3,), (1, 2), (1, 3), (2, 3), (1, 2, 3)]) / 8
+    np.testing.assert_allclose(np.asarray(pos(params, x)), np.asarray(expect), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="mirrored"):
+        sliding_window_inference(np.zeros((8, 8, 1), np.float32), identity, None, (8, 8), grid="nnunetv2",
+                                 tta=True)

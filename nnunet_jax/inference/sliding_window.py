@@ -19,6 +19,15 @@ the result is an eager slice (a tiny per-shape op, not a model compile). ``param
 jitted function, so new weights each epoch do not recompile; ``apply_fn`` is a static argument: pass the
 *same* function object every call (e.g. build ``functools.partial(model.apply, train=False)`` once), a fresh
 lambda per call recompiles.
+
+``grid="nnunetv2"`` runs nnU-Net v2's sliding window instead (docs/nnunetv2.md §4), for its models: tiles
+n = ceil((I - P) / (P * step)) + 1 per axis at round-half-even(k (I - P) / (n - 1)), its Gaussian (scipy's
+truncated kernel of an impulse, sigma P / 8, max 10, cast to fp16, zeros raised to the smallest value), the
+same centred zero padding, and, by default, its fp16 accumulation: every ``L += p * g`` and ``W += g`` is
+rounded to fp16 as v2's half-precision buffers do, in v2's tile order, and L / W is fp16. With
+``accumulate="float32"`` the same tiles and weights are summed in fp32 (what v2's numbers would be without
+its fp16 buffers). v2 mirrors inside each tile, not the whole volume: wrap ``apply_fn`` with
+:func:`mirrored` for its TTA; ``tta`` (whole-volume flips, the seed's) is refused in this mode.
 """
 
 from __future__ import annotations
@@ -37,6 +46,8 @@ from nnunet_jax.inference.tta import flip_combinations
 
 ApplyFn = Callable[[Any, jax.Array], jax.Array]
 BLENDS = ("gaussian", "constant")
+GRIDS = ("monai", "nnunetv2")
+ACCUMULATE = {"float32": jnp.float32, "float16": jnp.float16}
 
 
 def _per_axis(value: float | Sequence[float], ndim: int, name: str) -> tuple[float, ...]:
@@ -87,6 +98,56 @@ def blend_weights(
     return np.maximum(weights, max(float(weights.min()), 1e-3)).astype(np.float32)
 
 
+def v2_window_starts(image_size: Sequence[int], roi_size: Sequence[int], step: float = 0.5) -> np.ndarray:
+    """nnU-Net v2's tile starts ``(n_windows, ndim)`` (``compute_steps_for_sliding_window``), first axis
+    outermost, for an image of at least ``roi``."""
+    if not 0.0 < step <= 1.0:
+        raise ValueError(f"tile step must be in (0, 1], got {step}")
+    axes = []
+    for size, roi in zip(image_size, roi_size, strict=True):
+        if size < roi:
+            raise ValueError(f"image size {tuple(image_size)} is smaller than the tile {tuple(roi_size)}")
+        n = int(np.ceil((size - roi) / (roi * step))) + 1
+        actual = (size - roi) / (n - 1) if n > 1 else 0.0
+        axes.append([int(np.round(actual * k)) for k in range(n)])
+    grid = np.meshgrid(*axes, indexing="ij")
+    return np.stack([g.reshape(-1) for g in grid], axis=1).astype(np.int32)
+
+
+@lru_cache(maxsize=8)
+def v2_gaussian(roi_size: tuple[int, ...]) -> np.ndarray:
+    """nnU-Net v2's tile weights (``compute_gaussian``, value scaling 10) as float16: the discrete Gaussian
+    of an impulse at ``roi // 2`` (sigma roi / 8, scipy's 4-sigma truncation), max 10, zeros replaced by the
+    smallest non-zero value (an fp16 subnormal for large tiles)."""
+    from scipy.ndimage import gaussian_filter
+
+    impulse = np.zeros(roi_size)
+    impulse[tuple(r // 2 for r in roi_size)] = 1.0
+    g = gaussian_filter(impulse, [r / 8 for r in roi_size], 0, mode="constant", cval=0)
+    g = (g / (np.max(g) / 10)).astype(np.float16)
+    g[g == 0] = g[g != 0].min()
+    return g
+
+
+def mirrored(apply_fn: ApplyFn, axes: Sequence[int]) -> ApplyFn:
+    """v2's per-tile mirroring (``_internal_maybe_mirror_and_predict``): ``apply_fn`` on the windows plus
+    every non-empty combination of flips of the spatial ``axes`` (0-based, itertools order), flipped back,
+    summed in fp32 and divided by their number. Build once and reuse (it is the jit's static argument)."""
+    import itertools
+
+    axes = tuple(int(a) for a in axes)
+    combos = [c for i in range(len(axes)) for c in itertools.combinations(axes, i + 1)]
+
+    def forward(params: Any, x: jax.Array) -> jax.Array:
+        out = apply_fn(params, x).astype(jnp.float32)
+        for c in combos:
+            flip = tuple(a + 1 for a in c)
+            out = out + jnp.flip(apply_fn(params, jnp.flip(x, flip)).astype(jnp.float32), flip)
+        return out / (len(combos) + 1) if combos else out
+
+    return forward
+
+
 def _ladder(m: int) -> int:
     """Smallest value >= m among 0..4 and 2**k, 3 * 2**(k-1)."""
     if m <= 4:
@@ -129,7 +190,7 @@ def _flip(x: jax.Array, flags: jax.Array, axes: Sequence[int]) -> jax.Array:
     return x
 
 
-@partial(jax.jit, static_argnames=("apply_fn", "roi_size", "batch_size"))
+@partial(jax.jit, static_argnames=("apply_fn", "roi_size", "batch_size", "acc_dtype"))
 def _blend_windows(
     params: Any,
     frame: jax.Array,
@@ -142,8 +203,12 @@ def _blend_windows(
     apply_fn: ApplyFn,
     roi_size: tuple[int, ...],
     batch_size: int,
+    acc_dtype: Any = jnp.float32,
 ) -> jax.Array:
-    """Per flip pass f: sum_w weight * logits / sum_w weight over the valid windows; mean over passes."""
+    """Per flip pass f: sum_w weight * logits / sum_w weight over the valid windows; mean over passes.
+
+    The sums live in ``acc_dtype``: each window's ``acc + logits * w`` and ``wsum + w`` are computed in fp32
+    and rounded back to it, window by window in ``starts`` order (fp16: v2's rounding)."""
     ndim, n_chan = len(roi_size), frame.shape[-1]
     window = jax.ShapeDtypeStruct((batch_size, *roi_size, n_chan), frame.dtype)
     out_shape = jax.eval_shape(apply_fn, params, window).shape
@@ -151,8 +216,9 @@ def _blend_windows(
         raise ValueError(f"apply_fn maps {window.shape} to {out_shape}; expected (B, *roi, K)")
     n_out = out_shape[-1]
     win_axes = tuple(range(1, ndim + 1))
-    acc0 = jnp.zeros((*frame.shape[:-1], n_out), jnp.float32)
-    wsum0 = jnp.zeros((*frame.shape[:-1], 1), jnp.float32)
+    acc0 = jnp.zeros((*frame.shape[:-1], n_out), acc_dtype)
+    wsum0 = jnp.zeros((*frame.shape[:-1], 1), acc_dtype)
+    f32 = jnp.float32
 
     def one_pass(f: jax.Array, total: jax.Array) -> jax.Array:
         flags = flips[f]
@@ -169,19 +235,20 @@ def _blend_windows(
             logits = _flip(logits, flags, win_axes)
             for j in range(batch_size):
                 pos = (*idx[j], 0)
-                w_j = w_map * ok[j]
-                acc = lax.dynamic_update_slice(
-                    acc, lax.dynamic_slice(acc, pos, (*roi_size, n_out)) + logits[j] * w_j, pos
-                )
-                wsum = lax.dynamic_update_slice(wsum, lax.dynamic_slice(wsum, pos, (*roi_size, 1)) + w_j, pos)
+                w_j = w_map.astype(f32) * ok[j]
+                acc_j = lax.dynamic_slice(acc, pos, (*roi_size, n_out)).astype(f32) + logits[j] * w_j
+                acc = lax.dynamic_update_slice(acc, acc_j.astype(acc_dtype), pos)
+                wsum_j = lax.dynamic_slice(wsum, pos, (*roi_size, 1)).astype(f32) + w_j
+                wsum = lax.dynamic_update_slice(wsum, wsum_j.astype(acc_dtype), pos)
             return b + 1, acc, wsum
 
         _, acc, wsum = lax.while_loop(lambda c: c[0] < n_batches, body, (jnp.int32(0), acc0, wsum0))
         covered = wsum > 0
-        return total + jnp.where(covered, acc / jnp.where(covered, wsum, 1.0), 0.0)
+        mean = acc.astype(f32) / jnp.where(covered, wsum, 1).astype(f32)
+        return total + jnp.where(covered, mean.astype(acc_dtype), 0).astype(acc_dtype)
 
     total = lax.fori_loop(0, flips.shape[0], one_pass, acc0)
-    return total / flips.shape[0]
+    return total if flips.shape[0] == 1 else total / flips.shape[0]
 
 
 def compile_cache_size() -> int:
@@ -202,6 +269,8 @@ def sliding_window_inference(
     tta: bool = False,
     bucket: bool = True,
     frame_shape: Sequence[int] | None = None,
+    grid: str = "monai",
+    accumulate: str | None = None,
 ) -> jax.Array:
     """Blend ``apply_fn(params, windows)`` over one volume ``(*spatial, C)`` -> fp32 logits ``(*spatial, K)``.
 
@@ -210,7 +279,18 @@ def sliding_window_inference(
     flip being a whole-volume flip -> sliding window -> flip back (the seed's definition). ``bucket=False``
     compiles for the exact shape (no frame padding). ``frame_shape`` fixes the frame instead (e.g.
     :func:`common_frame_shape` of all validation cases: one compile for the whole set).
+
+    ``grid="nnunetv2"``: nnU-Net v2's tiles (tile step = 1 - ``overlap``) and Gaussian (``sigma_scale`` is
+    v2's fixed 1/8), accumulated in ``accumulate`` ("float16" by default there, as v2; "float32" otherwise);
+    the result has that dtype.
     """
+    if grid not in GRIDS:
+        raise ValueError(f"grid must be one of {GRIDS}, got {grid!r}")
+    accumulate = accumulate or ("float16" if grid == "nnunetv2" else "float32")
+    if accumulate not in ACCUMULATE:
+        raise ValueError(f"accumulate must be one of {tuple(ACCUMULATE)}, got {accumulate!r}")
+    if grid == "nnunetv2" and tta:
+        raise ValueError("nnU-Net v2 mirrors each tile: wrap apply_fn with mirrored(...) instead of tta=True")
     roi = tuple(int(r) for r in roi_size)
     ndim = len(roi)
     if volume.ndim != ndim + 1:
@@ -221,7 +301,12 @@ def sliding_window_inference(
         raise ValueError(f"batch_size ({batch_size}) and roi_size {roi} must be positive")
     shape = tuple(int(s) for s in volume.shape[:-1])
     intervals = scan_intervals(roi, overlap)
-    weight = blend_weights(roi, blend, tuple(_per_axis(sigma_scale, ndim, "sigma_scale")))
+    if grid == "nnunetv2":
+        if blend not in BLENDS:
+            raise ValueError(f"blend must be one of {BLENDS}, got {blend!r}")
+        weight = v2_gaussian(roi) if blend == "gaussian" else np.ones(roi, np.float16)
+    else:
+        weight = blend_weights(roi, blend, tuple(_per_axis(sigma_scale, ndim, "sigma_scale")))
 
     before = [max(r - s, 0) // 2 for s, r in zip(shape, roi, strict=True)]
     after = [max(r - s, 0) - b for s, r, b in zip(shape, roi, before, strict=True)]
@@ -238,13 +323,17 @@ def sliding_window_inference(
             bucket_length(n, r, i) if bucket else n for n, r, i in zip(length, roi, intervals, strict=True)
         ]
 
-    base = window_starts([max(s, r) for s, r in zip(shape, roi, strict=True)], roi, overlap)
+    padded = [max(s, r) for s, r in zip(shape, roi, strict=True)]
+    if grid == "nnunetv2":
+        base = v2_window_starts(padded, roi, 1.0 - _per_axis(overlap, ndim, "overlap")[0])
+    else:
+        base = window_starts(padded, roi, overlap)
     flips = flip_combinations(ndim) if tta else np.zeros((1, ndim), bool)
     sz, rz, bz, oz = (np.asarray(v) for v in (shape, roi, before, offset))
     starts = np.stack([np.where(flags, oz + sz - rz - base + bz, base + oz - bz) for flags in flips])
     n_windows = base.shape[0]
     capacity = math.prod(_max_windows(f, r, i) for f, r, i in zip(frame_shape, roi, intervals, strict=True))
-    capacity = batch_size * math.ceil(capacity / batch_size)
+    capacity = batch_size * math.ceil(max(capacity, n_windows) / batch_size)
     starts_pad = np.zeros((len(flips), capacity, ndim), np.int32)
     starts_pad[:, :n_windows] = starts
     valid = np.zeros((len(flips), capacity), np.float32)
@@ -263,6 +352,7 @@ def sliding_window_inference(
         apply_fn=apply_fn,
         roi_size=roi,
         batch_size=batch_size,
+        acc_dtype=ACCUMULATE[accumulate],
     )
     if tuple(out.shape[:-1]) == shape:
         return out
