@@ -233,7 +233,8 @@ def test_v2_grid_fp16_accumulation_is_bit_exact(shape, batch_size):
     roi = (44, 56, 56) if shape[0] >= 44 else (12, 20, 18)
     w = (np.round(rng.normal(size=(2, 3)) * 20) / 4).astype(np.float32)
     volume = (np.round(rng.normal(size=(*shape, 2)) * 8) / 8).astype(np.float32)
-    ours = np.asarray(sliding_window_inference(volume, linear, w, roi, batch_size=batch_size, grid="nnunetv2"))
+    ours = np.asarray(sliding_window_inference(volume, linear, w, roi, batch_size=batch_size,
+                                               grid="nnunetv2"))
     ref = _v2_reference(volume, lambda x: (x.astype(np.float64) @ w).astype(np.float32), roi)
     assert ours.dtype == np.float16
     np.testing.assert_array_equal(ours, ref)
