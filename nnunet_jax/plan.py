@@ -29,8 +29,9 @@ PLAN_FILE = "plan.json"
 ANISOTROPY_RATIO = 3.0
 
 # Keys written in this order; unknown keys (exec_mode, preprocessed, older ones) follow, kept verbatim.
-_KNOWN = ("task", "task_name", "dim", "patch_size", "spacing", "labels", "n_class", "modalities",
-          "in_channels", "normalization", "ct_stats", "topology", "cases", "median_shape", "source")
+_KNOWN = ("task", "task_name", "dim", "patch_size", "spacing", "labels", "n_class", "regions",
+          "regions_class_order", "ignore_label", "modalities", "in_channels", "normalization", "ct_stats",
+          "topology", "cases", "median_shape", "source")
 _DERIVED = ("anisotropic",)  # older plans stored it; it follows from the spacing
 
 
@@ -67,7 +68,12 @@ def meta_file(case: str) -> str:
 
 @dataclass(frozen=True, eq=True)
 class Plan:
-    """One ``plan.json``; lists are tuples, mappings are plain dicts with string keys (as in the file)."""
+    """One ``plan.json``; lists are tuples, mappings are plain dicts with string keys (as in the file).
+
+    ``regions`` (name → label values, in head order), ``regions_class_order`` and ``ignore_label`` record an
+    nnU-Net v2 dataset's label definition for later stages; None (and absent from the file) otherwise, so
+    MSD plans and older files are unchanged.
+    """
 
     dim: int
     patch_size: tuple[int, ...]
@@ -77,6 +83,9 @@ class Plan:
     task_name: str = ""
     spacing: tuple[float, ...] | None = None
     labels: dict[str, str] = field(default_factory=dict)
+    regions: dict[str, tuple[int, ...]] | None = None
+    regions_class_order: tuple[int, ...] | None = None
+    ignore_label: int | None = None
     modalities: dict[str, str] = field(default_factory=dict)
     normalization: str = "MRI"
     ct_stats: tuple[float, ...] | None = None
@@ -181,10 +190,34 @@ class Plan:
                 raise fail("cases", f"must map 'training'/'test' to lists of case names, got {cases!r}")
             cases = {str(k): list(v) for k, v in cases.items()}
         labels = {str(k): str(v) for k, v in mapping("labels").items()}
+        regions = None
+        if d.get("regions") is not None:
+            regions = mapping("regions")
+            if not regions or any(not isinstance(v, Sequence) or isinstance(v, str) or not v or not all(
+                    isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in v)
+                    for v in regions.values()):
+                raise fail("regions", f"must map region names to non-empty lists of label values, "
+                                      f"got {d['regions']!r}")
+            regions = {str(k): tuple(int(x) for x in v) for k, v in regions.items()}
+        order = d.get("regions_class_order")
+        if order is not None:
+            if regions is None:
+                raise fail("regions_class_order", "needs 'regions'")
+            if (not isinstance(order, Sequence) or isinstance(order, str) or len(order) != len(regions)
+                    or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in order)):
+                raise fail("regions_class_order", f"must be one label value per region ({len(regions)}), "
+                                                  f"got {order!r}")
+            order = tuple(int(x) for x in order)
+        ignore = d.get("ignore_label")
+        if ignore is not None:
+            if isinstance(ignore, bool) or not isinstance(ignore, int) or ignore < 1 or str(ignore) in labels:
+                raise fail("ignore_label", f"must be a label value > 0 that is not a class in 'labels', "
+                                           f"got {ignore!r}")
         return cls(
             dim=dim, patch_size=patch, n_class=integer("n_class", 1), in_channels=integer("in_channels", 1),
             task=str(d.get("task", "")), task_name=str(d.get("task_name", "")), spacing=spacing,
-            labels=labels, modalities={str(k): str(v) for k, v in mapping("modalities").items()},
+            labels=labels, regions=regions, regions_class_order=order, ignore_label=ignore,
+            modalities={str(k): str(v) for k, v in mapping("modalities").items()},
             normalization=normalization, ct_stats=ct_stats, topology=topology, cases=cases,
             median_shape=numbers("median_shape", float, dim), source=mapping("source"),
             extra={k: v for k, v in d.items() if k not in _KNOWN and k not in _DERIVED},
@@ -197,7 +230,12 @@ class Plan:
             "task": self.task, "task_name": self.task_name, "dim": self.dim,
             "patch_size": list(self.patch_size),
             "spacing": None if self.spacing is None else list(self.spacing), "labels": dict(self.labels),
-            "n_class": self.n_class, "modalities": dict(self.modalities), "in_channels": self.in_channels,
+            "n_class": self.n_class,
+            "regions": None if self.regions is None else {k: list(v) for k, v in self.regions.items()},
+            "regions_class_order": (None if self.regions_class_order is None
+                                    else list(self.regions_class_order)),
+            "ignore_label": self.ignore_label,
+            "modalities": dict(self.modalities), "in_channels": self.in_channels,
             "normalization": self.normalization,
             "ct_stats": None if self.ct_stats is None else list(self.ct_stats),
             "topology": None if self.topology is None else self.topology.to_dict(),

@@ -1,4 +1,5 @@
-"""Dataset-level preprocessing: an MSD task folder → ``<results>/<task>_<dim>d/`` of .npy cases + plan.json.
+"""Dataset-level preprocessing: a raw dataset folder (MSD task or nnU-Net v2 ``DatasetXXX_Name``, see
+:mod:`nnunet_jax.planning.dataset_json`) → ``<results>/<task>_<dim>d/`` of .npy cases + plan.json.
 
 Layout written (as the seed does):
 - ``--exec_mode training``: ``RESULTS/<task>_<dim>d/`` with ``<case>_x.npy`` (float32 (C, Z, Y, X)),
@@ -7,7 +8,10 @@ Layout written (as the seed does):
   been made with another plan).
 - ``--exec_mode val``: the labelled training cases without padding in ``RESULTS/<task>_<dim>d/val/``.
 - ``--exec_mode test``: the unlabelled test images (no ``_y``) in ``RESULTS/<task>_<dim>d/test/``.
-``<task>`` is the two-digit MSD number (``01_3d``) or, for a custom dataset folder, the folder's name.
+``<task>`` is the two-digit MSD number (``01_3d``) or, for a custom or nnU-Net v2 dataset folder, the
+folder's name (``Dataset001_Name_3d``). A v2 dataset's cases go through the same steps (its NIfTI cases give
+exactly the arrays of the same images stored as an MSD task); its plan also records v2's label definition
+(regions, ``ignore``), which training does not use yet.
 val/test reuse ``RESULTS/<task>_<dim>d/plan.json`` when training was preprocessed first, so all modes share
 one plan; each output folder gets its own copy of the plan.
 
@@ -22,7 +26,7 @@ import shutil
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +35,7 @@ from nnunet_jax.atomic import make_temp_dir, replace_dir, save_npy
 from nnunet_jax.io import DatasetError, load_case
 from nnunet_jax.locks import FolderBusyError, folder_lock
 from nnunet_jax.plan import PLAN_FILE, Plan, folder_name
-from nnunet_jax.planning.dataset_json import CaseFiles, Dataset, find_task_dir, load_dataset
+from nnunet_jax.planning.dataset_json import V2, CaseFiles, Dataset, find_task_dir, load_dataset
 from nnunet_jax.planning.planner import check_patch_fits, make_plan, parallel_map
 
 EXEC_MODES = ("training", "val", "test")
@@ -121,7 +125,34 @@ def _load_or_make_plan(dataset: Dataset, task: str, info, dim: int, exec_mode: s
         plan = Plan.load(training_plan)
         if not patch_size or tuple(int(p) for p in patch_size) == plan.patch_size:
             return plan
-    return make_plan(dataset, task, info, dim, patch_size, n_jobs, progress)
+    return with_v2_labels(make_plan(dataset, task, info, dim, patch_size, n_jobs, progress), dataset)
+
+
+def with_v2_labels(plan: Plan, dataset: Dataset) -> Plan:
+    """The plan with an nnU-Net v2 dataset's label definition (regions in head order, their class order,
+    the ignore value) and its layout in ``source``, so later stages need not re-read the raw dataset.json;
+    an MSD dataset's plan is returned unchanged."""
+    v2 = dataset.v2
+    if dataset.layout != V2 or v2 is None:
+        return plan
+    regions = None
+    if v2.has_regions:
+        regions = {name: ((v,) if isinstance(v, int) else tuple(v)) for name, v in v2.labels.items()
+                   if name != "ignore" and set((v,) if isinstance(v, int) else v) != {0}}
+    return replace(plan, regions=regions, regions_class_order=v2.regions_class_order if regions else None,
+                   ignore_label=v2.ignore_label, source={**plan.source, "layout": "nnU-Net v2 raw"})
+
+
+def _label_notes(plan: Plan) -> list[str]:
+    """What the plan records that training does not use yet (nnU-Net v2 regions, ignore label)."""
+    notes = []
+    if plan.regions is not None:
+        notes.append(f"the plan records nnU-Net v2 regions {list(plan.regions)}; training does not use them "
+                     "yet (it trains on the label values as classes)")
+    if plan.ignore_label is not None:
+        notes.append(f"the label maps keep the nnU-Net v2 ignore value {plan.ignore_label}; training does "
+                     "not support it yet")
+    return notes
 
 
 @contextmanager
@@ -145,7 +176,8 @@ def preprocess_dataset(
     patch_size: Sequence[int] | None = None,
     progress: bool = True,
 ) -> Path:
-    """Preprocess one task (MSD number or custom folder path) and return the output folder.
+    """Preprocess one task (``--task`` as :func:`~nnunet_jax.planning.dataset_json.find_task_dir` resolves
+    it: MSD number, nnU-Net v2 number or name, or a folder path) and return the output folder.
 
     The plan (made first, unless val/test reuse the training plan) checks the patch against the training
     cases cropped and resampled, so a ``patch_size`` larger than every case along an axis fails
@@ -165,14 +197,19 @@ def preprocess_dataset(
     cases = dataset.cases(exec_mode)
     if not cases:
         kind = "test" if exec_mode == "test" else "training"
+        where = " (no imagesTs/ case files)" if dataset.layout == V2 and kind == "test" else ""
         raise DatasetError(f"{task_dir / 'dataset.json'}: no '{kind}' cases to preprocess "
-                           f"in --exec_mode {exec_mode}")
+                           f"in --exec_mode {exec_mode}{where}")
+    for note in dataset.notes:
+        print(f"warning: {note}", file=sys.stderr)
     number = info.number if info is not None else None
     out = output_dir(results, task_dir, number, dim, exec_mode)
     base = out if exec_mode == "training" else out.parent
     with _own(base):  # one run per <task>_<dim>d: training replaces it whole, val/test read its plan
         plan = _load_or_make_plan(dataset, info.number if info else task_dir.name, info, dim, exec_mode, base,
                                   patch_size, n_jobs, progress)
+        for note in _label_notes(plan):
+            print(f"warning: {note}", file=sys.stderr)
 
         Path(results).mkdir(parents=True, exist_ok=True)
         tmp = make_temp_dir(out, exec_mode)
