@@ -137,11 +137,13 @@ def test_v2_nifti_gives_the_msd_arrays_bit_for_bit(tmp_path, ending):
 
 
 def test_v2_plain_labels_train_with_train_py(twin, tmp_path):
-    """A v2 dataset with integer labels trains exactly like an MSD one: train.py, tiny net, one epoch."""
+    """A v2 dataset with integer labels trains exactly like an MSD one: train.py, tiny net, one epoch; --task
+    042 with --data the preprocessing's results folder finds Dataset042_Twin_3d, as --task 01 finds 01_3d."""
     out = preprocess_dataset(twin[1].parent, "042", 3, tmp_path / "pre", progress=False)
     depth = len(Plan.load(out).topology.filters)
     filters = ",".join(str(4 * 2**i) for i in range(depth))
-    cmd = [sys.executable, "train.py", "--data", str(out), "--results", str(tmp_path / "run"), "--dim", "3",
+    cmd = [sys.executable, "train.py", "--task", "042", "--data", str(out.parent), "--results",
+           str(tmp_path / "run"), "--dim", "3",
            "--fold", "0", "--nfolds", "2", "--filters", filters, "--max_epochs", "1", "--min_epochs", "1",
            "--train_batches", "1", "--val_cases", "1", "--batch_size", "1", "--noprogress"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)

@@ -95,13 +95,14 @@ def normalize_task(task: Any) -> str:
 
 
 def task_matches(given: Any, plan: Plan) -> bool:
-    """Whether ``--task`` names the plan's task: its number (``50`` for ``Task50_Sphere``), folder name, or
-    dataset.json name; an empty ``given`` (no --task) lets the plan decide."""
+    """Whether ``--task`` names the plan's task: its number (``50`` for ``Task50_Sphere``, ``001`` for nnU-Net
+    v2's ``Dataset001_Name``), folder name, or dataset.json name; an empty ``given`` (no --task) lets the plan
+    decide."""
     given = normalize_task(given) if str(given).strip() else ""
     if not given or not plan.task:
         return True
     names = {normalize_task(plan.task), plan.task_name}
-    number = re.match(r"Task0*(\d+)_", plan.task)
+    number = re.match(r"(?:Task|Dataset)0*(\d+)_", plan.task)
     if number:
         names.add(normalize_task(number.group(1)))
     return given in names
@@ -112,6 +113,8 @@ def find_data_dir(config: Any) -> Path:
     data = Path(config.data).expanduser().absolute()
     task = normalize_task(config.task) if str(config.task).strip() else DEFAULT_TASK
     candidates = [data, data / folder_name(task, int(config.dim))]
+    if task.isdigit():  # nnU-Net v2 datasets are preprocessed into DatasetXXX_Name_<dim>d
+        candidates += sorted(data.glob(folder_name(f"Dataset{int(task):03d}_*", int(config.dim))))
     for c in candidates:
         if (c / PLAN_FILE).is_file():
             return c
