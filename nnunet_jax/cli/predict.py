@@ -3,11 +3,18 @@
     python predict.py --data /data/01_3d/test --ckpt_path /results/fold0 --results /results/preds --tta
     python predict.py --data imagesTs/ --ckpt_path /results/fold0,/results/fold1 --results preds   # ensemble
     python predict.py --data case.nii.gz --torch_ckpt dynunet.pt --plan /data/01_3d/plan.json --results preds
+    python predict.py --nnunetv2_model $nnUNet_results/Dataset001_X/nnUNetTrainer__nnUNetPlans__3d_fullres \
+        --folds 0,1,2,3,4 --data imagesTs/ --results preds        # an nnU-Net v2 trained model
 
 ``--data``: preprocessed folders (``<case>_x.npy`` + ``_meta.npy``, as ``python -m preprocess --exec_mode
 test|val`` writes them), NIfTI files, or folders of NIfTI files (preprocessed here with the run's plan).
 Several ``--ckpt_path`` = fold ensemble (mean of the softmax). ``--save_preds`` also writes float
 probabilities ``<case>.npy`` (C, Z, Y, X) in the source geometry, as the reference.
+
+``--nnunetv2_model``: an nnU-Net v2 results folder (``<Trainer>__<Plans>__<configuration>``), run with v2's
+own preprocessing, sliding window (fp16 sums, mirroring on unless ``--notta``) and export; ``--data`` are
+v2-named images (``<case>_0000.nii.gz``, ...) or folders of them; ``--save_preds`` writes v2's
+``<case>.npz``/``.pkl`` probabilities. No torch needed.
 """
 
 from nnunet_jax.platform import configure_xla_flags
@@ -31,10 +38,19 @@ def define_flags() -> None:
     flags.DEFINE_list("ckpt_path", None, "Checkpoint(s): results dir, checkpoints/{best,last} or a step dir; "
                       "several = fold ensemble.")
     flags.DEFINE_string("torch_ckpt", None, "PyTorch nnU-Net / MONAI DynUNet state dict (.pt/.ckpt) instead.")
+    flags.DEFINE_string("nnunetv2_model", None, "An nnU-Net v2 trained model folder "
+                        "(<Trainer>__<Plans>__<configuration>) instead.")
+    flags.DEFINE_list("folds", None, "Folds of --nnunetv2_model to average (default: every fold_* holding "
+                      "--checkpoint; 'all' = fold_all).")
+    flags.DEFINE_string("checkpoint", "checkpoint_final.pth", "Checkpoint file name in each fold of "
+                        "--nnunetv2_model.")
+    flags.DEFINE_enum("accumulate", "float16", ["float16", "float32"], "Sliding-window sums of "
+                      "--nnunetv2_model: float16 as nnU-Net v2 (its exact output) or float32.")
     flags.DEFINE_string("plan", None, "plan.json (default: the preprocessed folder's, else the run's).")
     flags.DEFINE_string("raw", None, "Folder of the source images (headers for preprocessed inputs; default: "
                         "the dataset named in plan.json).")
-    flags.DEFINE_boolean("tta", False, "Flip test-time augmentation (mean of the logits over all flips).")
+    flags.DEFINE_boolean("tta", False, "Flip test-time augmentation (mean of the logits over all flips); "
+                         "--nnunetv2_model: on unless --notta (v2's mirroring).")
     flags.DEFINE_boolean("amp", False, "Mixed-precision inference.")
     flags.DEFINE_enum("amp_dtype", "bf16", ["bf16", "fp16"], "Compute dtype under --amp.")
     flags.DEFINE_float("overlap", None, "Sliding-window overlap (default: the training run's --overlap, "
@@ -49,6 +65,9 @@ def define_flags() -> None:
                          "(training's split of the plan's training cases, with the run's --nfolds).")
     flags.DEFINE_boolean("overlays", False, "Also draw <case>_overlay.png: the mask over slices of "
                          "its image.")
+    flags.DEFINE_string("postprocess", "auto", "Post-processing decision file (find_best_configuration.py) "
+                        "applied to the label maps; 'auto': the postprocessing.json in the folder holding "
+                        "the --ckpt_path runs, when it was decided for exactly those runs; 'none': never.")
     flags.DEFINE_boolean("brats", False, "The model has BraTS region outputs (WT, TC, ET sigmoids); Orbax "
                          "checkpoints of --brats runs say so themselves.")
     # Model options for --torch_ckpt (Orbax checkpoints carry their own).
@@ -108,15 +127,60 @@ def _predict(plan: str | None) -> list:
                           save_preds=FLAGS.save_preds, raw=FLAGS.raw, cases=cases, overlays=FLAGS.overlays)
 
 
+def _predict_nnunetv2() -> list:
+    """``--nnunetv2_model``: v2's pipeline in JAX over ``--data`` into ``--results``; returns the files."""
+    from nnunet_jax.inference.predictor import Predictor
+
+    folds = None
+    if FLAGS.folds:
+        folds = [f if f == "all" else int(f) for f in FLAGS.folds]
+    predictor = Predictor.from_nnunetv2(
+        FLAGS.nnunetv2_model, folds, FLAGS.checkpoint, amp=FLAGS.amp,
+        mirror=FLAGS.tta if FLAGS["tta"].present else True,
+        step_size=1.0 - (0.5 if FLAGS.overlap is None else FLAGS.overlap),
+        gaussian=FLAGS.blend != "constant", accumulate=FLAGS.accumulate,
+        **({} if FLAGS.val_batch_size is None else {"batch_size": FLAGS.val_batch_size}))
+    print(predictor.describe(), flush=True)
+    return predictor.predict_files(FLAGS.data, FLAGS.results, save_probabilities=FLAGS.save_preds,
+                                   log=lambda line: print(line, flush=True))
+
+
+def _postprocessing():
+    """The decision ``--postprocess`` names (``auto``: the one found beside the ``--ckpt_path`` runs)."""
+    from nnunet_jax import postprocessing as pp
+
+    if FLAGS.postprocess == "none":
+        return None
+    if FLAGS.postprocess == "auto":
+        return pp.find_for_runs(FLAGS.ckpt_path or [])
+    return pp.load(FLAGS.postprocess)
+
+
+def _postprocess(decision, written: list) -> None:
+    """Apply the decision to the label maps just written (NIfTI, ``<case>_pred.npy``)."""
+    from nnunet_jax import postprocessing as pp
+    from nnunet_jax.io import NIFTI_SUFFIXES
+
+    maps = [p for p in written if str(p).endswith(NIFTI_SUFFIXES) or str(p).endswith("_pred.npy")]
+    changed = sum(pp.apply_to_file(p, decision.steps) for p in maps)
+    print(f"{decision.describe()}: changed {changed} of {len(maps)} label map(s)")
+
+
 def main(argv: list[str]) -> int:
     del argv  # run_app refuses extra arguments
     from nnunet_jax.locks import FolderBusyError, folder_lock
 
-    if bool(FLAGS.ckpt_path) == bool(FLAGS.torch_ckpt):
-        raise app.UsageError("give either --ckpt_path (one or more) or --torch_ckpt")
+    if sum(map(bool, (FLAGS.ckpt_path, FLAGS.torch_ckpt, FLAGS.nnunetv2_model))) != 1:
+        raise app.UsageError("give one of --ckpt_path (one or more), --torch_ckpt or --nnunetv2_model")
+    if FLAGS.nnunetv2_model and FLAGS.fold is not None:
+        raise app.UsageError("--fold selects validation cases of our preprocessed folders; for "
+                             "--nnunetv2_model pass the images with --data (the model's folds: --folds)")
     try:
         with folder_lock(FLAGS.results, "predict.py"):  # one predict.py per output folder, from the start
-            written = _predict(_plan_path())
+            decision = _postprocessing()
+            written = _predict_nnunetv2() if FLAGS.nnunetv2_model else _predict(_plan_path())
+            if decision is not None:
+                _postprocess(decision, written)
     except (FileNotFoundError, ValueError, FolderBusyError) as e:
         print(f"predict: {e}", file=sys.stderr)
         return 2

@@ -8,8 +8,9 @@ Pipeline (docs/reference.md §8): preprocess with the training run's plan (test 
 (optionally flip TTA) per model → ensemble = mean of the softmax (one model: its logits) → back to the source
 geometry with :mod:`nnunet_jax.preprocessing` (per channel: undo padding, cubic resize, paste at the crop
 box), where the label map is an argmax streamed channel by channel, so a 512×512×400 CT never holds all its
-class maps at full resolution at once. BraTS region models (3 sigmoid outputs WT, TC, ET) become labels by
-thresholding at 0.5: WT → 2 (edema), TC → 1 (necrosis), ET → 3 (enhancing; 4 when the plan's labels use 4).
+class maps at full resolution at once. Region models (one sigmoid per region: BraTS, or a plan with nnU-Net
+v2 regions) become labels by thresholding at 0.5, each region in turn painting its ``regions_class_order``
+value (BraTS: WT → 2 (edema), TC → 1 (necrosis), ET → 3 (enhancing; 4 when the plan's labels use 4)).
 
 The windowed forward (:mod:`nnunet_jax.inference.forward`, the one training's validation runs too), the
 checkpoint reader (:mod:`nnunet_jax.checkpoints`), the model builder (:mod:`nnunet_jax.models.build`), the
@@ -35,7 +36,7 @@ from scipy.special import expit, softmax
 from nnunet_jax.atomic import save_npy
 from nnunet_jax.inference.forward import ApplyFn, WindowedForward, host_copy, make_forward, window_batch
 from nnunet_jax.io import NIFTI_SUFFIXES
-from nnunet_jax.labels import LabelSpec, regions_to_labels, use_brats
+from nnunet_jax.labels import LabelSpec, paint_regions, use_brats
 from nnunet_jax.plan import IMAGE_SUFFIX, Plan, case_of, meta_file
 
 # Sliding-window settings a training run records and prediction takes as defaults (predictor option: config).
@@ -110,31 +111,35 @@ def save_prediction(
 
 
 def to_source_labels(
-    pred: np.ndarray, meta: Any, kind: str, brats: bool = False, et_label: int = 3
+    pred: np.ndarray, meta: Any, kind: str, brats: bool = False, et_label: int = 3,
+    class_order: Sequence[int] | None = None,
 ) -> np.ndarray:
     """(K, z, y, x) network output at the preprocessed geometry → uint8 labels (Z, Y, X) at the source.
 
-    ``kind``: "logits" (one model), "probs" (softmax ensemble) or, with ``brats``, region probabilities.
+    ``kind``: "logits" (one model), "probs" (softmax ensemble), or region probabilities with ``class_order``
+    (the label each region paints, in order) or ``brats`` (WT 2, TC 1, ET ``et_label``).
     Streams per channel (:func:`nnunet_jax.preprocessing.restore_label_map`); a region c is restored as the
     two-class map [1 - p_c, p_c] so its outside-the-crop fill is "absent".
     """
     from nnunet_jax.preprocessing.case import restore_label_map
 
-    if not brats:
+    if brats and class_order is None:
+        class_order = (2, 1, et_label)
+    if class_order is None:
         return restore_label_map(pred, meta, kind)
     masks = []
     for c in range(pred.shape[0]):
         p = pred[c]
         masks.append(restore_label_map(np.stack([1.0 - p, p]), meta, "probs") == 1)
-    return regions_to_labels(np.stack(masks).astype(np.float32), 0.5, et_label)
+    return paint_regions(np.stack(masks).astype(np.float32), class_order)
 
 
-def to_source_probabilities(pred: np.ndarray, meta: Any, kind: str, brats: bool = False) -> np.ndarray:
+def to_source_probabilities(pred: np.ndarray, meta: Any, kind: str, regions: bool = False) -> np.ndarray:
     """(K, Z, Y, X) float32 probabilities at the source geometry (softmax after resizing for logits, as the
     reference; region probabilities are 0 outside the crop box)."""
     from nnunet_jax.preprocessing.case import restore_to_source
 
-    if brats:
+    if regions:
         padded = np.concatenate([np.zeros_like(pred[:1]), pred])
         return restore_to_source(padded, meta, "probs")[1:]
     return restore_to_source(pred, meta, kind, softmax=kind == "logits")
@@ -213,7 +218,7 @@ class Predictor:
         self.apply_fn = apply_fn
         self.tta, self.overlap, self.blend = tta, overlap, blend
         self.batch_size, self.brats = batch_size, brats
-        self.labels = LabelSpec.of(self.plan, brats)
+        self.labels = LabelSpec.of(self.plan, brats)  # regions: BraTS, or the plan's
         self.et_label = self.labels.et_label
         self.window = WindowedForward(apply_fn, self.patch, overlap, blend, batch_size, tta)
         if mesh is None:
@@ -311,12 +316,26 @@ class Predictor:
         options = {k: v for k, v in options.items() if v is not None}
         return cls.from_model(the_plan, model, [variables], **options)
 
+    @staticmethod
+    def from_nnunetv2(
+        model_dir: str | os.PathLike,
+        folds: Sequence[int | str] | None = None,
+        checkpoint_name: str = "checkpoint_final.pth",
+        **options: Any,
+    ) -> Any:
+        """An nnU-Net v2 trained model folder, run with v2's own pipeline (its preprocessing, sliding window,
+        fold averaging and export; :class:`nnunet_jax.interop.nnunetv2.predictor.V2Predictor`, which this
+        returns). ``folds`` None: every ``fold_*`` holding ``checkpoint_name``. Needs no torch."""
+        from nnunet_jax.interop.nnunetv2.predictor import V2Predictor
+
+        return V2Predictor.from_model_folder(model_dir, folds, checkpoint_name, **options)
+
     # -- the network part
 
     @property
     def output_kind(self) -> str:
         """What :meth:`predict_preprocessed` returns: logits (one model), probs (ensemble), region probs."""
-        if self.brats:
+        if self.labels.uses_regions:
             return "regions"
         return "logits" if len(self.variables) == 1 else "probs"
 
@@ -332,12 +351,13 @@ class Predictor:
         in_ch = self.plan.in_channels
         if x.ndim != 4 or x.shape[0] != in_ch:
             raise ValueError(f"expected a preprocessed (C={in_ch}, Z, Y, X) volume, got shape {x.shape}")
-        if len(self.variables) == 1 and not self.brats:
+        regions = self.labels.uses_regions
+        if len(self.variables) == 1 and not regions:
             return self._window_logits(x, self.variables[0])
         total = None
         for v in self.variables:
             logits = self._window_logits(x, v)
-            p = expit(logits) if self.brats else softmax(logits, axis=0)
+            p = expit(logits) if regions else softmax(logits, axis=0)
             total = p if total is None else total + p
         return (total / len(self.variables)).astype(np.float32)
 
@@ -347,13 +367,13 @@ class Predictor:
         """Labels of :meth:`predict_preprocessed`'s output; in the source geometry when ``meta`` is given."""
         kind = "probs" if self.output_kind == "regions" else self.output_kind
         if meta is not None:
-            return to_source_labels(out, meta, kind, self.brats, self.et_label)
+            return to_source_labels(out, meta, kind, class_order=self.labels.regions_class_order)
         return self.labels.to_labels(out)
 
     def probabilities_from_output(self, out: np.ndarray, meta: Any = None) -> np.ndarray:
         kind = "probs" if self.output_kind == "regions" else self.output_kind
         if meta is not None:
-            return to_source_probabilities(out, meta, kind, self.brats)
+            return to_source_probabilities(out, meta, kind, self.labels.uses_regions)
         return softmax(out, axis=0).astype(np.float32) if kind == "logits" else out
 
     def preprocess(

@@ -180,3 +180,92 @@ def prepared(tmp_path_factory) -> Path:
                 "-c", "2d", "3d_fullres", "-npfp", "1", "-np", "1", "1"], root)
         _PREPARED["root"] = root
     return _PREPARED["root"]
+
+
+RESENC_BLOCKS = (1, 2, 2, 2, 2, 2, 2)  # a small ResEnc (blocks per stage) for the tests
+
+
+def save_model(root: Path, kind: str, configuration: str, folds=(0, 1), seed: int = 0,
+               resenc: bool = False, mirror_axes="default") -> Path:
+    """A results folder as v2's training leaves it (``dataset.json``, ``plans.json``,
+    ``fold_k/checkpoint_final.pth``) with random weights made by v2's own ``get_network_from_plans``.
+
+    The seg heads are scaled and their biases zeroed so every class wins somewhere (random-init logits are
+    otherwise dominated by one bias). ``resenc`` turns the configuration's network into a
+    ``ResidualEncoderUNet`` (as v2's ResEnc presets write it) in the saved plans."""
+    import torch
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+
+    name = DATASETS[kind][1]
+    plans = json.loads((Path(root) / "preprocessed" / name / "nnUNetPlans.json").read_text())
+    dataset = json.loads((raw_dir(root, kind) / "dataset.json").read_text())
+    arch = plans["configurations"][configuration]["architecture"]
+    if resenc:
+        kw = dict(arch["arch_kwargs"])
+        n = kw["n_stages"]
+        kw["n_blocks_per_stage"] = list(RESENC_BLOCKS[:n])
+        kw["n_conv_per_stage_decoder"] = [1] * (n - 1)
+        kw.pop("n_conv_per_stage")
+        arch = dict(arch, network_class_name="dynamic_network_architectures.architectures.unet."
+                                             "ResidualEncoderUNet", arch_kwargs=kw)
+        plans["configurations"][configuration]["architecture"] = arch
+    from nnunetv2.utilities.label_handling.label_handling import LabelManager
+
+    lm = LabelManager(dataset["labels"], dataset.get("regions_class_order"))
+    n_in = len(dataset["channel_names"])
+    ndim = len(plans["configurations"][configuration]["patch_size"])
+    trainer = "nnUNetTrainer"
+    model_dir = (Path(root) / "results" / name /
+                 f"{trainer}__{plans['plans_name']}{'ResEnc' if resenc else ''}__{configuration}")
+    model_dir.mkdir(parents=True, exist_ok=True)
+    (model_dir / "plans.json").write_text(json.dumps(plans, indent=2))
+    (model_dir / "dataset.json").write_text(json.dumps(dataset, indent=2))
+    axes = (0, 1, 2) if ndim == 3 else (0, 1)
+    for fold in folds:
+        torch.manual_seed(seed * 100 + int(fold) + DATASETS[kind][0])
+        net = get_network_from_plans(arch["network_class_name"], arch["arch_kwargs"],
+                                     arch["_kw_requires_import"], n_in, lm.num_segmentation_heads,
+                                     deep_supervision=True)
+        with torch.no_grad():
+            for m in net.modules():  # norm affine away from (1, 0): the weights' layout is then checked
+                if isinstance(m, torch.nn.modules.instancenorm._InstanceNorm) and m.affine:
+                    m.weight.uniform_(0.5, 1.5)
+                    m.bias.uniform_(-0.3, 0.3)
+            for head in net.decoder.seg_layers:
+                head.weight.mul_(6.0)
+                head.bias.zero_()
+        ckpt = {"network_weights": net.state_dict(), "optimizer_state": {}, "grad_scaler_state": None,
+                "logging": {"mean_fg_dice": [0.5]}, "_best_ema": 0.5, "current_epoch": 1000,
+                "init_args": {"plans": plans, "configuration": configuration, "fold": int(fold),
+                              "dataset_json": dataset, "device": torch.device("cpu")},
+                "trainer_name": trainer,
+                "inference_allowed_mirroring_axes": axes if mirror_axes == "default" else mirror_axes}
+        (model_dir / f"fold_{fold}").mkdir(exist_ok=True)
+        torch.save(ckpt, model_dir / f"fold_{fold}" / "checkpoint_final.pth")
+    return model_dir
+
+
+def write_test_cases(root: Path, kind: str, out: Path, big: bool = True) -> Path:
+    """Input images for prediction: copies of the training images, plus (``big``) one case about twice
+    the median size in-plane, so the sliding window runs several overlapping tiles."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    d = raw_dir(root, kind)
+    ending = ".png" if kind == "2d" else ".nii.gz"
+    for p in sorted((d / "imagesTr").glob(f"*{ending}")):
+        (out / p.name).write_bytes(p.read_bytes())
+    if big and kind != "2d":
+        rng = np.random.default_rng(7)
+        if kind == "ct":
+            shape, pixdim = (14, 60, 56), (3.0, 0.8, 0.8)
+            img, _ = _blob_volume(rng, shape, 6, (200, 900))
+            _save_nii(np.round(img - 1000 + rng.normal(0, 20, shape)), pixdim, out / f"big_0000{ending}",
+                      np.int16)
+        else:
+            shape, pixdim = (44, 50, 22), (1.0, 1.0, 1.5)
+            n_ch = 2 if kind == "mri" else 1
+            for c in range(n_ch):
+                img, _ = _blob_volume(rng, shape, 6, (100, 400))
+                _save_nii(img + 50 + rng.normal(0, 10, shape), pixdim, out / f"big_{c:04d}{ending}",
+                          np.float32)
+    return out
