@@ -112,6 +112,7 @@ def child(side: str, work: Path, threads: int) -> None:
 
     t0 = time.perf_counter()
     out = work / f"out_{side}"
+    out.mkdir(parents=True, exist_ok=True)  # v2 writes its arguments there before its first case
     if side == "v2":
         import torch
         from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor

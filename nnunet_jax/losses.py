@@ -9,8 +9,14 @@ in, so bf16 training keeps the same loss values.
 - ``focal``: the cross-entropy term becomes the softmax focal loss with gamma 2 and no class weights, averaged
   over voxels: ``mean(-(1 - p_t)^2 log p_t)`` (the seed's MONAI FocalLoss; MONAI >= 0.6 averages the same
   terms over voxels *and* channels, i.e. divides by K).
-- ``brats``: three sigmoid region channels WT = y > 0, TC = y in {1, 3}, ET = y == 3 (label 4 counts as 3, so
-  raw BraTS labels work too); per region batch soft Dice + BCE (sigmoid focal with ``focal``), summed.
+- regions (``brats``, or a plan's regions through :class:`nnunet_jax.labels.LabelSpec`): one sigmoid channel
+  per region (BraTS: WT = y > 0, TC = y in {1, 3}, ET = y == 3, label 4 counting as 3); per region batch soft
+  Dice + BCE (sigmoid focal with ``focal``), summed over the regions. nnU-Net v2's ``DC_and_BCE_loss``
+  (``do_bg=True``) has the same terms but averages over the regions and writes its Dice term as -Dice: ours is
+  R times v2's plus R, which keeps the seed's BraTS loss unchanged.
+- ignore label (a plan from a v2 dataset with an ``ignore`` label): :func:`ignore_dice_ce_loss`, exactly
+  nnU-Net v2's ``DC_and_CE_loss`` with ``ignore_label``; regions with an ignore label mask their Dice and BCE
+  terms the same way.
 - ``deep_supervision``: ``sum_i w_i loss(head_i, labels_i)`` with ``w_i = 0.5**i / sum_j 0.5**j``. We follow
   the original nnU-Net: the labels are downsampled (nearest: the first voxel of each stride block, PyTorch's
   ``interpolate(mode="nearest")`` indexing) to each head's resolution, which is cheaper than upsampling the
@@ -26,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from nnunet_jax.labels import REGIONS, brats_regions
+from nnunet_jax.labels import BRATS_REGIONS, LabelSpec, region_targets
 
 SMOOTH = 1e-5
 FOCAL_GAMMA = 2.0
@@ -45,13 +51,22 @@ def _int_labels(labels: jax.Array, logits: jax.Array) -> jax.Array:
     return labels.astype(jnp.int32)
 
 
-def batch_soft_dice_loss(probs: jax.Array, target: jax.Array) -> jax.Array:
-    """Mean over channels of ``1 - (2I + s) / (G + P + s)``, sums over batch and space together."""
-    axes = tuple(range(probs.ndim - 1))
+def soft_dice(probs: jax.Array, target: jax.Array, mask: jax.Array | None = None, batch: bool = True
+              ) -> jax.Array:
+    """Per channel ``(2I + s) / (G + P + s)``: sums over batch and space together (``batch``), else over
+    space per sample (shape ``(N, K)``); ``mask`` ``(..., 1)`` drops voxels from all three sums."""
+    axes = tuple(range(0 if batch else 1, probs.ndim - 1))
+    if mask is not None:
+        probs, target = probs * mask, target * mask
     intersection = jnp.sum(probs * target, axis=axes)
     ground = jnp.sum(target, axis=axes)
     pred = jnp.sum(probs, axis=axes)
-    return jnp.mean(1.0 - (2.0 * intersection + SMOOTH) / (ground + pred + SMOOTH))
+    return (2.0 * intersection + SMOOTH) / (ground + pred + SMOOTH)
+
+
+def batch_soft_dice_loss(probs: jax.Array, target: jax.Array) -> jax.Array:
+    """Mean over channels of ``1 - (2I + s) / (G + P + s)``, sums over batch and space together."""
+    return jnp.mean(1.0 - soft_dice(probs, target))
 
 
 def dice_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -70,13 +85,17 @@ def cross_entropy_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
 
 
+def _focal_terms(logits: jax.Array, labels: jax.Array, gamma: float = FOCAL_GAMMA) -> jax.Array:
+    """Per voxel ``-(1 - p_t)**gamma * log p_t`` of fp32 logits and int32 labels."""
+    log_p = jax.nn.log_softmax(logits, axis=-1)
+    log_pt = jnp.take_along_axis(log_p, labels[..., None], axis=-1)[..., 0]
+    return -((1.0 - jnp.exp(log_pt)) ** gamma) * log_pt
+
+
 def focal_loss(logits: jax.Array, labels: jax.Array, gamma: float = FOCAL_GAMMA) -> jax.Array:
     """Softmax focal loss ``mean(-(1 - p_t)**gamma * log p_t)`` over voxels (no alpha)."""
     logits = logits.astype(jnp.float32)
-    labels = _int_labels(labels, logits)
-    log_p = jax.nn.log_softmax(logits, axis=-1)
-    log_pt = jnp.take_along_axis(log_p, labels[..., None], axis=-1)[..., 0]
-    return jnp.mean(-((1.0 - jnp.exp(log_pt)) ** gamma) * log_pt)
+    return jnp.mean(_focal_terms(logits, _int_labels(labels, logits), gamma))
 
 
 def dice_ce_loss(logits: jax.Array, labels: jax.Array, focal: bool = False) -> jax.Array:
@@ -85,25 +104,58 @@ def dice_ce_loss(logits: jax.Array, labels: jax.Array, focal: bool = False) -> j
     return dice_loss(logits, labels) + second
 
 
-def region_loss(logits: jax.Array, labels: jax.Array, focal: bool = False) -> jax.Array:
-    """BraTS regions: per region batch soft Dice(sigmoid) + BCE (or sigmoid focal), summed over regions."""
+def _masked_mean(values: jax.Array, mask: jax.Array, axes: tuple[int, ...] | None = None) -> jax.Array:
+    """Mean of ``values`` over the voxels where ``mask`` is 1 (0 when there are none)."""
+    return jnp.sum(values * mask, axis=axes) / jnp.maximum(jnp.sum(mask, axis=axes), 1.0)
+
+
+def ignore_dice_ce_loss(logits: jax.Array, labels: jax.Array, ignore_label: int, focal: bool = False,
+                        batch_dice: bool = True) -> jax.Array:
+    """Dice + CE where voxels labelled ``ignore_label`` count for nothing: nnU-Net v2's
+    ``DC_and_CE_loss({'batch_dice': batch_dice, 'smooth': 1e-5, 'do_bg': False, 'ddp': False}, {},
+    ignore_label=ignore_label, dice_class=MemoryEfficientSoftDiceLoss)``, value for value.
+
+    What is matched: the CE is the mean over the annotated voxels (0 when there are none); the softmax Dice of
+    the foreground classes sums over the annotated voxels only (the loss mask) and enters as ``-mean(Dice)``,
+    v2's sign convention, so this loss is 1 lower than the seed's ``1 - Dice`` form would be (same
+    gradients). ``batch_dice`` True pools the batch as the seed's Dice does; False is v2's per-sample Dice.
+    With ``focal`` the CE term becomes the focal term, averaged over the same voxels (no v2 counterpart).
+    """
     logits = logits.astype(jnp.float32)
-    if logits.shape[-1] != len(REGIONS):
-        raise ValueError(
-            f"the BraTS region loss needs 3 output channels (WT, TC, ET), got {logits.shape[-1]}"
-        )
-    target = brats_regions(_int_labels(labels, logits))
+    labels = _int_labels(labels, logits)
+    annotated = labels != ignore_label
+    target = jnp.where(annotated, labels, 0)
+    mask = annotated.astype(jnp.float32)
+    probs = jax.nn.softmax(logits, axis=-1)
+    onehot = jax.nn.one_hot(target, logits.shape[-1], dtype=jnp.float32)
+    dice = soft_dice(probs[..., 1:], onehot[..., 1:], mask[..., None], batch=batch_dice)
+    if focal:
+        per_voxel = _focal_terms(logits, target)
+    else:
+        per_voxel = optax.softmax_cross_entropy_with_integer_labels(logits, target)
+    return _masked_mean(per_voxel, mask) - jnp.mean(dice)
+
+
+def region_loss(logits: jax.Array, labels: jax.Array, focal: bool = False,
+                regions: tuple[tuple[int, ...], ...] = tuple(v for _, v in BRATS_REGIONS),
+                ignore_label: int | None = None) -> jax.Array:
+    """Regions (label values per output channel; BraTS by default): per region batch soft Dice(sigmoid) +
+    BCE (or sigmoid focal), summed over regions; ``ignore_label`` voxels drop out of both terms."""
+    logits = logits.astype(jnp.float32)
+    if logits.shape[-1] != len(regions):
+        raise ValueError(f"the region loss needs {len(regions)} output channels (one per region), got "
+                         f"{logits.shape[-1]}")
+    labels = _int_labels(labels, logits)
+    target = region_targets(labels, regions).astype(jnp.float32)
     axes = tuple(range(logits.ndim - 1))
-    probs = jax.nn.sigmoid(logits)
-    intersection = jnp.sum(probs * target, axis=axes)
-    dice = 1.0 - (2.0 * intersection + SMOOTH) / (
-        jnp.sum(target, axis=axes) + jnp.sum(probs, axis=axes) + SMOOTH
-    )
+    mask = None if ignore_label is None else (labels != ignore_label)[..., None].astype(jnp.float32)
+    dice = 1.0 - soft_dice(jax.nn.sigmoid(logits), target, mask)
     if focal:
         second = optax.sigmoid_focal_loss(logits, target, gamma=FOCAL_GAMMA)
     else:
         second = optax.sigmoid_binary_cross_entropy(logits, target)
-    return jnp.sum(dice + jnp.mean(second, axis=axes))
+    second = jnp.mean(second, axis=axes) if mask is None else _masked_mean(second, mask, axes)
+    return jnp.sum(dice + second)
 
 
 def deep_supervision_weights(n_outputs: int) -> np.ndarray:
@@ -122,15 +174,23 @@ def downsample_labels(labels: jax.Array, spatial_shape: Sequence[int]) -> jax.Ar
     return out
 
 
-def make_loss(focal: bool = False, brats: bool = False, deep_supervision: bool = False) -> LossFn:
+def make_loss(focal: bool = False, brats: bool = False, deep_supervision: bool = False,
+              labels: LabelSpec | None = None) -> LossFn:
     """Return ``loss_fn(outputs, labels) -> fp32 scalar`` (docs/CONTRACTS.md).
 
+    ``labels`` (the run's :class:`nnunet_jax.labels.LabelSpec`) picks the loss: regions → :func:`region_loss`,
+    an ignore label → :func:`ignore_dice_ce_loss`, else :func:`dice_ce_loss`; without it ``brats`` decides.
     ``outputs`` is the model output: logits, or with ``deep_supervision`` the tuple ``(main, head_1, ...)``
     (a plain array is accepted too, e.g. for validation, and then gets weight 1).
     """
+    spec = labels if labels is not None else LabelSpec(0, brats=brats)
 
     def single(logits: jax.Array, labels: jax.Array) -> jax.Array:
-        return region_loss(logits, labels, focal) if brats else dice_ce_loss(logits, labels, focal)
+        if spec.uses_regions:
+            return region_loss(logits, labels, focal, spec.region_values, spec.ignore_label)
+        if spec.ignore_label is not None:
+            return ignore_dice_ce_loss(logits, labels, spec.ignore_label, focal)
+        return dice_ce_loss(logits, labels, focal)
 
     def loss_fn(outputs: jax.Array | Sequence[jax.Array], labels: jax.Array) -> jax.Array:
         if not deep_supervision or not isinstance(outputs, tuple | list):

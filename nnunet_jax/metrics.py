@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from scipy import ndimage
 
-from nnunet_jax.labels import brats_regions
+from nnunet_jax.labels import BRATS_REGIONS, LabelSpec, region_targets
 
 
 def _squeeze_channel(x: jax.Array, like_ndim: int) -> jax.Array:
@@ -62,16 +62,28 @@ def dice_per_class(pred_labels: jax.Array, labels: jax.Array, n_class: int) -> j
     return dice_from_confusion(confusion_matrix(pred_labels, labels, n_class))
 
 
-def dice_from_logits(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    """Argmax of channels-last logits ``(*spatial, K)`` then :func:`dice_per_class`."""
-    return dice_per_class(jnp.argmax(logits, axis=-1), labels, logits.shape[-1])
+def _unlabelled(labels: jax.Array, ignore_label: int | None) -> jax.Array:
+    """Labels with ``ignore_label`` voxels set to -1, which no Dice counts."""
+    return labels if ignore_label is None else jnp.where(labels == ignore_label, -1, labels)
 
 
-def region_dice(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    """BraTS region mode: Dice of (WT, TC, ET) with sigmoid > 0.5, same empty rule; ``(3,)`` fp32."""
+def dice_from_logits(logits: jax.Array, labels: jax.Array, ignore_label: int | None = None) -> jax.Array:
+    """Argmax of channels-last logits ``(*spatial, K)`` then :func:`dice_per_class`; ``ignore_label``
+    voxels count neither as prediction nor as label (nnU-Net v2's evaluation)."""
+    return dice_per_class(jnp.argmax(logits, axis=-1), _unlabelled(labels, ignore_label), logits.shape[-1])
+
+
+def region_dice(logits: jax.Array, labels: jax.Array,
+                regions: tuple[tuple[int, ...], ...] = tuple(v for _, v in BRATS_REGIONS),
+                ignore_label: int | None = None) -> jax.Array:
+    """Region mode (BraTS WT, TC, ET by default): Dice per region of sigmoid > 0.5 vs label in the region's
+    values, same empty rule; ``ignore_label`` voxels are left out; ``(R,)`` fp32."""
     labels = _squeeze_channel(labels, logits.ndim - 1)
     pred = logits > 0
-    target = brats_regions(labels) > 0.5
+    target = region_targets(labels, regions)
+    if ignore_label is not None:
+        annotated = (labels != ignore_label)[..., None]
+        pred, target = pred & annotated, target & annotated
     axes = tuple(range(pred.ndim - 1))
     tp = jnp.sum(pred & target, axis=axes).astype(jnp.float32)
     n_pred = jnp.sum(pred, axis=axes).astype(jnp.float32)
@@ -79,6 +91,13 @@ def region_dice(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return jnp.where(
         n_true == 0, jnp.where(n_pred == 0, 1.0, 0.0), 2.0 * tp / jnp.maximum(n_true + n_pred, 1.0)
     )
+
+
+def label_dice(logits: jax.Array, labels: jax.Array, spec: LabelSpec) -> jax.Array:
+    """The validation Dice of one volume for a run's outputs: per region or per foreground class."""
+    if spec.uses_regions:
+        return region_dice(logits, labels, spec.region_values, spec.ignore_label)
+    return dice_from_logits(logits, labels, spec.ignore_label)
 
 
 def surface_voxels(mask: np.ndarray) -> np.ndarray:

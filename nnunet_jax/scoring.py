@@ -14,7 +14,9 @@ files among them) are never cases.
 
 BraTS region mode (``brats``): prediction and label maps are both turned into the regions WT = label > 0,
 TC = label in {1, 3}, ET = label == 3 (label 4 counts as 3, so raw BraTS labels and predict.py's region
-labels WT 2 / TC 1 / ET 3 both work), and each region is scored as a binary mask with the same rules.
+labels WT 2 / TC 1 / ET 3 both work), and each region is scored as a binary mask with the same rules. Any
+other plan's regions (``regions``: name → label values, nnU-Net v2) are scored the same way, and the voxels of
+an ``ignore_label`` (sparse annotation) are left out of every score (set to background in both maps).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import numpy as np
 
 from nnunet_jax.atomic import atomic_path, is_temp
 from nnunet_jax.io import NIFTI_SUFFIXES, DatasetError, case_name
-from nnunet_jax.labels import BRATS_MAX_LABEL, REGIONS, region_masks, regions_to_labels
+from nnunet_jax.labels import BRATS_MAX_LABEL, BRATS_REGIONS, REGIONS, region_targets, regions_to_labels
 from nnunet_jax.plan import PLAN_FILE, Plan
 
 # Stripped from .npy stems: <case>_y.npy (preprocessed labels), <case>_pred.npy (predicted label maps).
@@ -222,14 +224,17 @@ def _max_label(paths: Sequence[Path], brats: bool) -> int:
 
 
 def score_case(pred: np.ndarray, label: np.ndarray, n_class: int, spacing: Sequence[float] | None,
-               metrics: Sequence[str], nsd_tolerance: float, brats: bool = False) -> dict[str, list[float]]:
+               metrics: Sequence[str], nsd_tolerance: float, brats: bool = False,
+               regions: Mapping[str, Sequence[int]] | None = None) -> dict[str, list[float]]:
     """One case's per-class scores (classes 1..n_class-1; Dice and NSD in percent, HD95 in mm), via
-    nnunet_jax.metrics; with ``brats`` the scores of the regions WT, TC, ET (binary maps, class 1 of 2)."""
+    nnunet_jax.metrics; with ``brats`` the scores of the regions WT, TC, ET (binary maps, class 1 of 2), with
+    ``regions`` (name → label values) those regions'."""
     from nnunet_jax import metrics as M
 
-    if brats:
-        per_region = [score_case(p, t, 2, spacing, metrics, nsd_tolerance)
-                      for p, t in zip(region_masks(pred), region_masks(label), strict=True)]
+    if brats or regions:
+        values = [v for _, v in BRATS_REGIONS] if brats else [tuple(v) for v in regions.values()]
+        pairs = zip(*(region_targets(x, values, np, 0).astype(np.int32) for x in (pred, label)), strict=True)
+        per_region = [score_case(p, t, 2, spacing, metrics, nsd_tolerance) for p, t in pairs]
         return {m: [r[m][0] for r in per_region] for m in per_region[0]}
     raw = {"dice": M.dice_per_class(pred, label, n_class)}
     if "hd95" in metrics or "nsd" in metrics:
@@ -288,7 +293,9 @@ def evaluate_folders(preds: str | os.PathLike, lbls: str | os.PathLike, *, n_cla
                      hd95: bool = False, nsd: bool = False, nsd_tolerance: float = 1.0,
                      spacing: Sequence[float] | None = None, brats: bool = False,
                      cases: Sequence[str] | None = None,
-                     class_names: Mapping[int, str] | None = None) -> Report:
+                     class_names: Mapping[int, str] | None = None,
+                     regions: Mapping[str, Sequence[int]] | None = None,
+                     ignore_label: int | None = None) -> Report:
     """Score the prediction in ``preds`` of each expected case against its label in ``lbls``.
 
     ``cases`` are the expected cases (e.g. one fold's validation cases, :func:`fold_cases`), by default every
@@ -298,7 +305,9 @@ def evaluate_folders(preds: str | os.PathLike, lbls: str | os.PathLike, *, n_cla
     (Z, Y, X mm) is used for .npy labels, which carry none (NIfTI labels use their own header). ``brats``
     scores the regions WT, TC, ET instead of the classes (``n_class`` is then unused) and reads float .npy
     predictions as the 3 region sigmoids. ``class_names`` (label value → name) name the columns; by default
-    :func:`find_class_names` of ``lbls``; ``{}`` numbers them.
+    :func:`find_class_names` of ``lbls``; ``{}`` numbers them. ``regions`` (a plan's: name → label values)
+    scores those regions of the label maps; ``ignore_label`` voxels of a label are scored in neither map
+    (``n_class`` then defaults to ``ignore_label``, nnU-Net v2's highest class + 1).
     """
     pred_index, notes_p = index_folder(preds)
     lbl_index, notes_l = index_folder(lbls)
@@ -307,6 +316,10 @@ def evaluate_folders(preds: str | os.PathLike, lbls: str | os.PathLike, *, n_cla
     metrics = ("dice",) + (("hd95",) if hd95 else ()) + (("nsd",) if nsd else ())
     if brats:
         n_class = len(REGIONS) + 1
+    elif regions:
+        n_class = len(regions) + 1
+    elif n_class is None and ignore_label is not None:
+        n_class = ignore_label
     elif n_class is None:
         n_class = 1 + max(_max_label([lbl_index[c] for c in paired], False),
                           _max_label([pred_index[c] for c in paired], brats), 1)
@@ -314,8 +327,8 @@ def evaluate_folders(preds: str | os.PathLike, lbls: str | os.PathLike, *, n_cla
     if class_names is None:
         class_names, why = find_class_names(lbls)
         notes += [why] if why else []
-    report = Report(n_class=n_class, metrics=metrics, notes=notes,
-                    classes=REGIONS if brats else _columns(n_class, class_names))
+    columns = REGIONS if brats else tuple(regions) if regions else _columns(n_class, class_names)
+    report = Report(n_class=n_class, metrics=metrics, notes=notes, classes=columns)
     report.missing = [c for c in expected if c in lbl_index and c not in pred_index]
     report.extra = sorted(set(pred_index) - set(lbl_index) - set(expected))
     report.errors = {c: f"no label in {lbls}" for c in expected if c not in lbl_index}
@@ -337,18 +350,23 @@ def evaluate_folders(preds: str | os.PathLike, lbls: str | os.PathLike, *, n_cla
         if pred.labels.shape != lbl.labels.shape:
             report.errors[case] = f"shape {pred.labels.shape} != label {lbl.labels.shape} (Z, Y, X)"
             continue
+        if ignore_label is not None:  # unannotated: background in both maps, so no score counts them
+            unannotated = lbl.labels == ignore_label
+            lbl.labels[unannotated] = 0
+            pred.labels[unannotated] = 0
         top = max(int(pred.labels.max(initial=0)), int(lbl.labels.max(initial=0)))
         if brats and top > BRATS_MAX_LABEL:
             report.errors[case] = f"label value {top} is not a BraTS label (0-{BRATS_MAX_LABEL})"
             continue
-        if not brats and top >= n_class:
+        if not brats and not regions and top >= n_class:
             report.errors[case] = f"label value {top} does not fit n_class={n_class}"
             continue
         if pred.affine is not None and lbl.affine is not None and not np.allclose(pred.affine, lbl.affine,
                                                                                     rtol=1e-4, atol=1e-4):
             report.notes.append(f"{case}: prediction and label affines differ (scored voxel by voxel)")
         sp = next((s for s in (lbl.spacing, pred.spacing, spacing) if s is not None), None)
-        report.cases[case] = score_case(pred.labels, lbl.labels, n_class, sp, metrics, nsd_tolerance, brats)
+        report.cases[case] = score_case(pred.labels, lbl.labels, n_class, sp, metrics, nsd_tolerance, brats,
+                                        regions)
     report.errors = dict(sorted(report.errors.items()))
     return report
 

@@ -9,7 +9,8 @@ Predictions and labels are paired by case name (``<case>.nii.gz``, ``<case>.npy`
 hidden files such as unfinished writes are ignored); NIfTI or .npy (label maps, or (C, Z, Y, X) probabilities
 that are argmaxed). Prints a table and ``mean dice (%)``, writes JSON and CSV (default: ``evaluation.json`` /
 ``evaluation.csv`` in ``--preds``); columns are the dataset's class names (plan, or dataset.json beside
-``--lbls``). ``--brats`` scores the BraTS regions WT, TC, ET instead of the classes.
+``--lbls``). ``--brats`` scores the BraTS regions WT, TC, ET instead of the classes; a ``--plan``/``--data``
+plan with nnU-Net v2 regions scores its regions, and one with an ignore label leaves those voxels out.
 
 Every labelled case is expected, or with ``--fold`` only that fold's validation cases (training's split of the
 plan's cases). Exit codes: 0 all expected cases scored (predictions without a label only warn); 1 an expected
@@ -74,13 +75,15 @@ def main(argv: list[str]) -> int:
             raise ValueError(f"--fold {FLAGS.fold} needs the split's case list: add --data <preprocessed "
                              "folder> or --plan <plan.json>")
         source = FLAGS.plan or FLAGS.data
-        names = Plan.load(source).class_names() if source else None
+        plan = Plan.load(source) if source else None
+        names = plan.class_names() if plan else None
         cases = None if FLAGS.fold is None else scoring.fold_cases(
             FLAGS.fold, FLAGS.nfolds, data=FLAGS.data, plan=FLAGS.plan)
         report = scoring.evaluate_folders(
             FLAGS.preds, FLAGS.lbls, n_class=FLAGS.n_class, hd95=FLAGS.hd95, nsd=FLAGS.nsd,
             nsd_tolerance=FLAGS.nsd_tolerance, spacing=spacing, brats=FLAGS.brats, cases=cases,
-            class_names=names)
+            class_names=names, regions=None if FLAGS.brats or plan is None else plan.regions,
+            ignore_label=None if plan is None else plan.ignore_label)
     except (FileNotFoundError, ValueError) as e:  # DatasetError is a ValueError
         print(f"evaluate: {e}", file=sys.stderr)
         return 2

@@ -18,12 +18,15 @@ from ml_collections import config_flags  # noqa: E402
 from nnunet_jax.cli import run_app  # noqa: E402
 from nnunet_jax.configs.default import get_config  # noqa: E402
 from nnunet_jax.configs.help import FLAG_HELP  # noqa: E402
+from nnunet_jax.planning.presets import DEFAULT as DEFAULT_PRESET  # noqa: E402
+from nnunet_jax.planning.presets import PRESETS  # noqa: E402
 
 # The defaults as a file (ml_collections loads configs from files); experiment overlays import from it.
 DEFAULT_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "default.py")
 CHOICES = {"exec_mode": ["train", "evaluate"], "norm": ["instance", "batch", "group"],
            "scheduler": ["none", "multistep", "cosine", "plateau"], "optimizer": ["sgd", "radam", "adam"],
-           "blend": ["gaussian", "constant"], "amp_dtype": ["bf16", "fp16"]}
+           "blend": ["gaussian", "constant"], "amp_dtype": ["bf16", "fp16"],
+           "preset": [DEFAULT_PRESET, *PRESETS]}
 INT_LISTS = ("steps", "filters")
 
 
@@ -62,6 +65,9 @@ def build_config():
             setattr(config, name, value)
     if not FLAGS["task"].present and config.task == get_config().task:
         config.task = ""  # no --task: a preprocessed --data folder's plan decides (loop.task_matches)
+    if config.preset != DEFAULT_PRESET and not FLAGS["batch_size"].present \
+            and config.batch_size == get_config().batch_size:
+        config.batch_size = 0  # the preset plans it (planning.presets.apply_preset)
     return config
 
 

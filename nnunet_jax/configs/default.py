@@ -67,6 +67,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.test_batches = 0
     # --- ours ---
     c.filters = ()  # override of the per-level filters of the plan's topology (tiny nets, tests)
+    c.preset = "nnunet"  # nnunet | resenc_m | resenc_l | resenc_xl (nnU-Net v2's ResEnc presets)
     c.brats = False  # newer reference: 3 sigmoid region outputs (WT, TC, ET), region loss and Dice
     c.amp_dtype = "bf16"  # bf16 | fp16 (fp16 uses dynamic loss scaling)
     c.deep_supr_num = 2

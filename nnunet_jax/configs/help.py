@@ -27,7 +27,8 @@ FLAG_HELP: dict[str, str] = {
     "fold": "Cross-validation fold (the reference's KFold(5, shuffle, 12345) split).",
     "patience": "Early stopping: epochs without a better mean Dice.",
     "lr_patience": "Plateau scheduler: epochs without a lower validation loss before the lr drops.",
-    "batch_size": "Training batch per device (global batch = batch_size x devices).",
+    "batch_size": "Training batch per device (global batch = batch_size x devices); with a --preset and no "
+                  "--batch_size: the preset's planned batch.",
     "val_batch_size": "Sliding windows per forward pass in validation.",
     "steps": "Multistep scheduler milestones (epochs), comma-separated.",
     "profile": "Accepted; use the JAX profiler on a benchmark.py run instead.",
@@ -62,5 +63,7 @@ FLAG_HELP: dict[str, str] = {
     "coordinator_address": "Multi-host: host:port of process 0 (empty: auto-detect, or one process).",
     "num_processes": "Multi-host: number of processes (0: auto-detect).",
     "process_id": "Multi-host: this process's index (-1: auto-detect).",
+    "preset": "nnunet: the seed's U-Net; resenc_m/l/xl: nnU-Net v2's residual-encoder U-Net with the "
+              "patch and batch planned for 8/24/40 GB (docs/presets.md).",
     "brats": "BraTS region training: sigmoid WT/TC/ET outputs, region Dice + BCE loss.",
 }

@@ -149,8 +149,10 @@ def make_train_iterator(
     device_id: int | None | str = "auto",
     num_threads: int = 2,
     prefetch: int = 2,
+    ignore_label: int | None = None,
 ) -> ShardedBatches:
-    """The batches of steps ``start_step ..`` of ``epoch`` (see the module docstring for the contract)."""
+    """The batches of steps ``start_step ..`` of ``epoch`` (see the module docstring for the contract);
+    ``ignore_label``: the plan's; crops then hold annotated voxels (:func:`.pipelines.train_pipeline`)."""
     dim = dataset.dim
     _check_batch(dim, batch_size, nvol, mesh)
     cases = sorted(cases)
@@ -172,5 +174,6 @@ def make_train_iterator(
         device_id=default_device_id() if device_id == "auto" else device_id,
         num_threads=num_threads,
         prefetch=prefetch,
+        ignore_label=ignore_label,
     )
     return ShardedBatches(pipe, mesh, len(order), start_step, slices_2d=dim == 2)

@@ -116,10 +116,16 @@ def _channels_last(x: Any, layout: str) -> Any:
     return fn.transpose(x, perm=channels_last_perm(4), output_layout=layout)
 
 
-def _biased_anchor(lbl: Any, crop_shape: Sequence[int], oversampling: float) -> Any:
+def _biased_anchor(lbl: Any, crop_shape: Sequence[int], oversampling: float, ignore_label: int | None = None
+                   ) -> Any:
     """Crop anchor: with p ``oversampling`` the window contains a voxel of a class drawn uniformly among
     the classes present (``random_object_bbox`` picks the class, ``random_mask_pixel`` a voxel of it);
-    otherwise (or for a volume without foreground) a uniformly placed window inside the volume."""
+    otherwise (or for a volume without foreground) a uniformly placed window inside the volume.
+
+    With ``ignore_label`` (sparse annotation) the ignored voxels are no class to draw, and the other windows
+    contain a random annotated voxel (any class, background included) instead of being uniform, so that no
+    patch is all "ignore" (nnU-Net v2's sampling with an ignore label); a volume without annotated voxels
+    falls back to uniform windows."""
     import nvidia.dali.math as dmath
     from nvidia.dali import fn, types
 
@@ -127,15 +133,22 @@ def _biased_anchor(lbl: Any, crop_shape: Sequence[int], oversampling: float) -> 
     shape = fn.cast(mask.shape(), dtype=types.INT32)
     start = types.Constant([0, 0, 0], dtype=types.INT32)
     end = shape
+    if ignore_label is not None:
+        annotated = fn.cast(mask != ignore_label, dtype=types.UINT8)
+        voxel = fn.cast(fn.segmentation.random_mask_pixel(annotated, foreground=1), dtype=types.INT32)
+        some = fn.cast(fn.reductions.max(annotated) > 0, dtype=types.INT32)
+        start = some * voxel
+        end = some * (voxel + 1) + (1 - some) * shape
+        mask = mask * annotated  # ignored voxels count as background for the class draw
     if oversampling > 0:
         _, _, cls = fn.segmentation.random_object_bbox(
             mask, format="start_end", foreground_prob=1.0, output_class=True
         )
         voxel = fn.cast(fn.segmentation.random_mask_pixel(mask, value=cls, foreground=1), dtype=types.INT32)
         coin = fn.random.coin_flip(probability=oversampling, dtype=types.BOOL)
-        fg = fn.cast(coin & (cls > 0), dtype=types.INT32)  # no foreground in the volume -> uniform
-        start = fg * voxel
-        end = fg * (voxel + 1) + (1 - fg) * shape
+        fg = fn.cast(coin & (cls > 0), dtype=types.INT32)  # no foreground in the volume -> the other window
+        start = fg * voxel + (1 - fg) * start
+        end = fg * (voxel + 1) + (1 - fg) * end
     # a volume smaller than the patch along an axis (2D blocks deeper than the volume): the window starts at 0
     # and the rest is zero-padded; otherwise it stays inside the volume
     bounds = dmath.max(shape, types.Constant(list(crop_shape), dtype=types.INT32))
@@ -215,12 +228,15 @@ def train_pipeline(
     device_id: int | None = None,
     num_threads: int = 2,
     prefetch: int = 2,
+    ignore_label: int | None = None,
 ) -> Any:
     """Built training pipeline over the files in the given order (one sample per file, cycling).
 
     ``patch``: (Z, Y, X) for 3D, (Y, X) for 2D; with ``block`` set (2D) a sample is ``block`` contiguous
     slices, output ``(block, Y, X, C)``. Outputs ``image`` ``(*patch, C)`` float32, ``label`` ``(*patch, 1)``
     uint8. The same files, seed and batch size give the same batches; ``aug`` defaults to the reference's.
+    ``ignore_label``: the plan's unannotated value; crops then always hold annotated voxels
+    (:func:`_biased_anchor`).
     """
     dali = _dali()
     aug = aug or AugmentConfig()
@@ -236,7 +252,8 @@ def train_pipeline(
     @dali.pipeline_def(**_common(batch_size, device_id, seed, num_threads, prefetch))
     def pipe():
         img, lbl = _read(image_files, "image_reader"), _read(label_files, "label_reader")
-        img, lbl = _crop_at(img, lbl, _biased_anchor(lbl, crop_shape, aug.oversampling), crop_shape)
+        anchor = _biased_anchor(lbl, crop_shape, aug.oversampling, ignore_label)
+        img, lbl = _crop_at(img, lbl, anchor, crop_shape)
         layout = "FHWC" if frames else "DHWC"
         img, lbl = _channels_last(img, layout), _channels_last(lbl, layout)
         img, lbl = _to_device(img, device_id), _to_device(lbl, device_id)

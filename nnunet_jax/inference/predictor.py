@@ -38,6 +38,7 @@ from nnunet_jax.inference.forward import ApplyFn, WindowedForward, host_copy, ma
 from nnunet_jax.io import NIFTI_SUFFIXES
 from nnunet_jax.labels import LabelSpec, paint_regions, use_brats
 from nnunet_jax.plan import IMAGE_SUFFIX, Plan, case_of, meta_file
+from nnunet_jax.planning.presets import apply_preset
 
 # Sliding-window settings a training run records and prediction takes as defaults (predictor option: config).
 RUN_WINDOW_SETTINGS = {"overlap": "overlap", "blend": "blend", "batch_size": "val_batch_size"}
@@ -167,7 +168,7 @@ def read_run_settings(ckpt_path: str | os.PathLike) -> tuple[dict[str, Any], Pla
     config = _default_config()
     ident = (checkpoints.read_meta_path(ckpt_path) or {}).get("identity", {})
     config.update({k: ident[k] for k in ("norm", "residual", "attention", "deep_supervision", "dim", "fold",
-                                         "brats") if k in ident})
+                                         "brats", "preset") if k in ident})
     if ident.get("filters"):
         config["filters"] = list(ident["filters"])
     return config, None
@@ -275,6 +276,7 @@ class Predictor:
             the_plan = Plan.coerce(plan) if plan is not None else run_plan
             if the_plan is None:
                 raise FileNotFoundError(f"{p}: the run's config.json is missing; pass the plan (plan.json)")
+            the_plan = apply_preset(config, the_plan)  # a given plan.json has the seed's topology
             run_brats = use_brats(config)
             if brats is not None and bool(brats) != run_brats:
                 raise ValueError(f"{p}: the checkpoint is {'a' if run_brats else 'not a'} BraTS region model "

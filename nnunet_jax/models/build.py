@@ -2,8 +2,9 @@
 
 A run's options are the config fields that shape the model (filters, norm, residual, deep supervision, ...),
 its precision (``--amp`` with ``--amp_dtype``: bf16 or fp16 compute on fp32 master weights) and the label
-mode (BraTS regions: 3 sigmoid outputs). Training and prediction build the same model from the same
-options, so a checkpoint always fits the model that restores it.
+mode (BraTS regions: 3 sigmoid outputs). ``--preset resenc_m|l|xl`` builds nnU-Net v2's residual-encoder
+U-Net (models/resenc.py) on the plan's topology instead of the seed's U-Net. Training and prediction build
+the same model from the same options, so a checkpoint always fits the model that restores it.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ from typing import Any
 import jax.numpy as jnp
 
 from nnunet_jax.labels import LabelSpec, use_brats
+from nnunet_jax.models.resenc import ResEncUNet, resenc_from_topology
 from nnunet_jax.models.unet import UNet
+from nnunet_jax.planning.presets import preset_of
 
 __all__ = ["build_model", "compute_dtype", "uses_fp16"]
 
@@ -36,11 +39,14 @@ def compute_dtype(config: Mapping[str, Any] | Any) -> Any:
     return _AMP_DTYPES[name]
 
 
-def build_model(config: Mapping[str, Any] | Any, plan: Any) -> UNet:
-    """The UNet of ``plan`` (a :class:`nnunet_jax.plan.Plan`) with the run's options from ``config``."""
+def build_model(config: Mapping[str, Any] | Any, plan: Any) -> UNet | ResEncUNet:
+    """The network of ``plan`` (a :class:`nnunet_jax.plan.Plan`; with a preset, the plan
+    ``planning.presets.apply_preset`` made) with the run's options from ``config``."""
     if plan.topology is None:
         raise ValueError("the plan has no topology (preprocess the dataset again)")
     spec = LabelSpec.of(plan, use_brats(config))
+    if preset_of(config) is not None:
+        return resenc_from_topology(plan.topology, spec.n_outputs, config, compute_dtype(config))
     return UNet.from_topology(
         plan.topology, spec.n_outputs, filters=tuple(config.get("filters") or ()) or None,
         norm=str(config.get("norm", "instance")), negative_slope=float(config.get("negative_slope", 0.01)),

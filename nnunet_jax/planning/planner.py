@@ -41,7 +41,7 @@ from nnunet_jax.configs.tasks import TaskInfo
 from nnunet_jax.io import DatasetError, load_case, nifti_spacing
 from nnunet_jax.plan import ANISOTROPY_RATIO, Plan
 from nnunet_jax.planning.dataset_json import CaseFiles, Dataset
-from nnunet_jax.planning.topology import get_kernels_strides, plan_topology
+from nnunet_jax.planning.topology import fit_patch, plan_topology
 from nnunet_jax.preprocessing.case import (
     checked_resampled_shape,
     needs_resampling,
@@ -203,10 +203,8 @@ def plan_patch_size(median_shape: Sequence[float], spacing: Sequence[float], dim
 
     Rule: start from the median shape (floored, at least 1 per axis, at most ``largest``); while the patch
     has more voxels than the budget (128³ in 3D, 512² in 2D), shrink the largest axis by 10%; then round
-    every axis down to a multiple of its total downsampling factor (the product of the topology's strides
-    along it), recomputing the topology until it no longer changes, so the U-Net halves each axis exactly.
-    No step makes an axis longer (an axis is strided only while ≥ 8 voxels long, so its factor never
-    exceeds it), so the patch never exceeds ``largest`` (the largest training case per axis).
+    every axis down to a multiple of its total downsampling factor (:func:`fit_patch`). No step makes an
+    axis longer, so the patch never exceeds ``largest`` (the largest training case per axis).
     """
     patch = [max(int(s), 1) for s in median_shape]
     if largest is not None:
@@ -215,13 +213,7 @@ def plan_patch_size(median_shape: Sequence[float], spacing: Sequence[float], dim
     while math.prod(patch) > budget:
         i = int(np.argmax(patch))
         patch[i] = max(int(patch[i] * 0.9), 1)
-    while True:
-        _, strides = get_kernels_strides(patch, spacing)
-        factor = np.prod(np.array(strides), axis=0)
-        rounded = [max(int(f), p // int(f) * int(f)) for p, f in zip(patch, factor, strict=True)]
-        if rounded == patch:
-            return patch
-        patch = rounded
+    return fit_patch(patch, spacing)
 
 
 def check_patch_fits(patch: Sequence[int], shapes: dict[str, Sequence[int]], what: str) -> None:

@@ -6,6 +6,7 @@ one definition and the plan file can carry it.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
@@ -59,6 +60,21 @@ def get_kernels_strides(
     strides.insert(0, [1] * ndim)
     kernels.append([3] * ndim)
     return kernels, strides
+
+
+def fit_patch(patch_size: Sequence[int], spacing: Sequence[float]) -> list[int]:
+    """Round every axis down to a multiple of its total downsampling factor (the product of the topology's
+    strides along it), recomputing the topology until it no longer changes, so the U-Net halves each axis
+    exactly. No axis gets longer: an axis is strided only while ≥ 8 voxels long, so its factor never
+    exceeds it."""
+    patch = [int(p) for p in patch_size]
+    while True:
+        _, strides = get_kernels_strides(patch, spacing)
+        factors = [math.prod(s[axis] for s in strides) for axis in range(len(patch))]
+        rounded = [max(f, p // f * f) for p, f in zip(patch, factors, strict=True)]
+        if rounded == patch:
+            return patch
+        patch = rounded
 
 
 def default_filters(n_levels: int, dim: int) -> list[int]:

@@ -11,7 +11,7 @@ Layout written (as the seed does):
 ``<task>`` is the two-digit MSD number (``01_3d``) or, for a custom or nnU-Net v2 dataset folder, the
 folder's name (``Dataset001_Name_3d``). A v2 dataset's cases go through the same steps (its NIfTI cases give
 exactly the arrays of the same images stored as an MSD task); its plan also records v2's label definition
-(regions, ``ignore``), which training does not use yet.
+(regions, ``ignore``), which training follows (a sigmoid output per region; ignored voxels count for nothing).
 val/test reuse ``RESULTS/<task>_<dim>d/plan.json`` when training was preprocessed first, so all modes share
 one plan; each output folder gets its own copy of the plan.
 
@@ -144,14 +144,14 @@ def with_v2_labels(plan: Plan, dataset: Dataset) -> Plan:
 
 
 def _label_notes(plan: Plan) -> list[str]:
-    """What the plan records that training does not use yet (nnU-Net v2 regions, ignore label)."""
+    """How training will read the plan's nnU-Net v2 label definition (regions, ignore label)."""
     notes = []
     if plan.regions is not None:
-        notes.append(f"the plan records nnU-Net v2 regions {list(plan.regions)}; training does not use them "
-                     "yet (it trains on the label values as classes)")
+        notes.append(f"the plan records nnU-Net v2 regions {list(plan.regions)}: training predicts one "
+                     "sigmoid output per region")
     if plan.ignore_label is not None:
-        notes.append(f"the label maps keep the nnU-Net v2 ignore value {plan.ignore_label}; training does "
-                     "not support it yet")
+        notes.append(f"the label maps keep the nnU-Net v2 ignore value {plan.ignore_label}: training leaves "
+                     "those voxels out of the loss and the validation Dice")
     return notes
 
 
@@ -209,7 +209,7 @@ def preprocess_dataset(
         plan = _load_or_make_plan(dataset, info.number if info else task_dir.name, info, dim, exec_mode, base,
                                   patch_size, n_jobs, progress)
         for note in _label_notes(plan):
-            print(f"warning: {note}", file=sys.stderr)
+            print(f"note: {note}", file=sys.stderr)
 
         Path(results).mkdir(parents=True, exist_ok=True)
         tmp = make_temp_dir(out, exec_mode)

@@ -50,7 +50,7 @@ __all__ = ["EVAL_FILE", "NonFiniteLossError", "TrainingError", "train_and_evalua
 log = logging.getLogger(__name__)
 EVAL_FILE = "evaluation.json"
 # Identity fields added after checkpoints were first written: an older checkpoint's missing field means this.
-IDENTITY_DEFAULTS = {"brats": False}
+IDENTITY_DEFAULTS = {"brats": False, "regions": None, "preset": "nnunet"}
 FP16_NONFINITE_TOLERANCE = 20  # fp16: consecutive skipped (overflowing) steps before we call it divergence
 
 
@@ -142,6 +142,9 @@ def check_plan(config: Any, plan: Plan, where: Path | str) -> None:
     if use_brats(config) and plan.n_class not in BRATS_N_CLASS:
         problems.append(f"--brats needs BraTS labels (0-3, or 0, 1, 2, 4), but the plan has n_class "
                         f"{plan.n_class}")
+    if plan.regions and not use_brats(config) and plan.regions_class_order is None:
+        problems.append(f"the plan's regions {list(plan.regions)} have no regions_class_order (the label "
+                        "each region predicts; preprocess the nnU-Net v2 dataset again)")
     if problems:
         raise TrainingError(f"{where}: the preprocessed plan does not match the flags: {'; '.join(problems)}")
 
@@ -155,7 +158,8 @@ def run_identity(config: Any, plan: Plan, filters: tuple[int, ...]) -> dict[str,
             "strides": [list(s) for s in topo.strides] if topo else [], "filters": list(filters),
             "fold": int(config.fold), "norm": str(config.norm), "residual": bool(config.residual),
             "attention": bool(config.attention), "deep_supervision": bool(config.deep_supervision),
-            "brats": use_brats(config)}
+            "brats": use_brats(config), "preset": str(config.get("preset", "nnunet")),
+            "regions": None if use_brats(config) or not plan.regions else list(plan.regions)}
 
 
 def identity_diff(theirs: dict[str, Any], ours: dict[str, Any], ignore: tuple[str, ...] = ()) -> list[str]:
@@ -223,7 +227,7 @@ class _Data:
         return loader.make_train_iterator(
             self.dataset, self.train_cases, self.mesh, batch_size=self.global_batch, seed=int(c.seed),
             epoch=epoch, start_step=start_step, aug=AugmentConfig(oversampling=float(c.oversampling)),
-            nvol=int(c.nvol), num_threads=max(1, int(c.num_workers)))
+            nvol=int(c.nvol), num_threads=max(1, int(c.num_workers)), ignore_label=self.plan.ignore_label)
 
     def load_case(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         from nnunet_jax.data.layout import to_channels_last
@@ -237,10 +241,12 @@ def open_data(config: Any, mesh: Any) -> _Data:
     """Open ``config.data`` (clear errors for a missing/incomplete dataset) and split ``config.fold``."""
     from nnunet_jax.data import loader
     from nnunet_jax.data.dataset import DatasetError, PreprocessedDataset
+    from nnunet_jax.planning.presets import preset_dataset
 
     root = find_data_dir(config)
     try:
         ds = PreprocessedDataset.open(root)
+        ds = preset_dataset(config, ds)  # --preset: its patch, topology and batch (planning/presets.py)
         train, val = ds.fold(int(config.fold), int(config.nfolds))
     except DatasetError as e:
         raise TrainingError(str(e)) from e
@@ -387,7 +393,7 @@ def _train_and_evaluate(config: Any, workdir: Path, data: DataSource | None, eva
     val_mesh = parallel.local_mesh(int(config.gpus) if jax.process_count() == 1 else 0)
     validator = Validator(
         make_forward(model, val_mesh), labels, plan.patch_size,
-        make_loss(focal=bool(config.focal), brats=labels.brats), val_mesh, overlap=float(config.overlap),
+        make_loss(focal=bool(config.focal), labels=labels), val_mesh, overlap=float(config.overlap),
         blend=str(config.blend), batch_size=int(config.val_batch_size),
         tta=bool(config.tta) and evaluating)
 
@@ -410,8 +416,8 @@ def _train_and_evaluate(config: Any, workdir: Path, data: DataSource | None, eva
         return result
 
     # -- train
-    loss_fn = make_loss(focal=bool(config.focal), brats=labels.brats,
-                        deep_supervision=bool(config.deep_supervision))
+    loss_fn = make_loss(focal=bool(config.focal), deep_supervision=bool(config.deep_supervision),
+                        labels=labels)
     run = _Run(config, workdir, data, plan, identity, ckpt_lib.Checkpoints(workdir, state_bytes(target)),
                step_lib.make_train_step(model, loss_fn, tx, mesh, fp16), validate, fp16)
     try:

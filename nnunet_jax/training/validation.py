@@ -4,9 +4,9 @@ processes/devices, scored with the loss and the Dice.
 Each process takes every ``process_count``-th case and runs its windows sharded over its own devices (a local
 mesh: the processes see different numbers of windows, so they must not share a global computation); the
 per-case rows (per-class Dice, loss) are then gathered from all processes. Dice follows docs/reference.md §4
-via :func:`nnunet_jax.metrics.dice_from_logits` (BraTS region mode: :func:`nnunet_jax.metrics.region_dice`,
-the WT, TC, ET Dice of the sigmoids > 0.5 with the same empty rule); reported numbers are means over cases
-×100. A 2D net validates a 3D volume slice by slice, scored on the whole volume.
+via :func:`nnunet_jax.metrics.label_dice` (per foreground class; region mode: per region of the sigmoids
+> 0.5 with the same empty rule; voxels of the plan's ignore label count for nothing); reported numbers are
+means over cases ×100. A 2D net validates a 3D volume slice by slice, scored on the whole volume.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ class Validator:
 
     ``forward`` is :func:`nnunet_jax.inference.forward.make_forward` of the model on ``mesh`` (any
     ``forward(variables, windows) -> logits`` works); ``labels`` says whether its outputs are classes or
-    BraTS regions, ``loss_fn`` must match it.
+    regions and which label is ignored, ``loss_fn`` must match it.
     """
 
     def __init__(self, forward: ApplyFn, labels: LabelSpec, roi_size: Sequence[int], loss_fn: Callable,
@@ -63,31 +63,31 @@ class Validator:
 
     def __call__(self, variables: Any, cases: Sequence[str], load_case: LoadCase) -> dict[str, Any]:
         """Per-class (or per-region) Dice (0–100), ``mean_dice`` and ``val_loss`` over ``cases``, identical on
-        every process; BraTS runs also name the regions (``dice_WT``, ...)."""
-        from nnunet_jax.metrics import dice_from_logits, region_dice
-
+        every process; region runs also name the regions (``dice_WT``, ...)."""
         local_vars = jax.device_put(host_copy(variables), parallel.replicated(self.mesh))
-        dice_fn = region_dice if self.labels.brats else dice_from_logits
         rows = []
         for name in list(cases)[jax.process_index():: jax.process_count()]:
             image, label = load_case(name)
             logits = self.window(local_vars, image)
             dice, loss = _score_jit(logits, jnp.asarray(label, jnp.int32), loss_fn=self.loss_fn,
-                                    dice_fn=dice_fn)
+                                    spec=self.labels)
             rows.append(np.append(np.asarray(dice, np.float64), float(loss)))
         rows_arr = np.asarray(rows, np.float64).reshape(len(rows), self.labels.n_scores + 1)  # dice…, loss
         table = _gather_rows(rows_arr, len(cases))
         per_class = table[:, :-1].mean(axis=0) * 100.0
         result = {"dice": [float(d) for d in per_class], "mean_dice": float(per_class.mean()),
                   "val_loss": float(table[:, -1].mean()), "cases": len(cases)}
-        if self.labels.brats:  # name the regions in the logs: dice_WT, dice_TC, dice_ET
+        if self.labels.uses_regions:  # name the regions in the logs: dice_WT, dice_TC, dice_ET
             result.update({f"dice_{n}": d for n, d in zip(self.labels.score_names, result["dice"],
                                                            strict=True)})
         return result
 
 
-@partial(jax.jit, static_argnames=("loss_fn", "dice_fn"))
+@partial(jax.jit, static_argnames=("loss_fn", "spec"))
 def _score_jit(logits: jax.Array, label: jax.Array, *, loss_fn: Callable,
-               dice_fn: Callable) -> tuple[jax.Array, jax.Array]:
-    """``dice_fn(logits (*spatial, K), label (*spatial))`` and the loss of the volume as a batch of one."""
-    return dice_fn(logits, label), loss_fn(logits[None], label[None])
+               spec: LabelSpec) -> tuple[jax.Array, jax.Array]:
+    """The Dice of ``logits (*spatial, K)`` vs ``label (*spatial)`` and the loss of the volume as a batch of
+    one."""
+    from nnunet_jax.metrics import label_dice
+
+    return label_dice(logits, label, spec), loss_fn(logits[None], label[None])
