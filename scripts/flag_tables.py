@@ -29,6 +29,7 @@ SCRIPTS: dict[str, tuple[str, str | None]] = {
     "evaluate.py": ("nnunet_jax.cli.evaluate", "define_flags"),
     "benchmark.py": ("nnunet_jax.cli.benchmark", "define_flags"),
     "visualize.py": ("nnunet_jax.cli.visualize", "define_flags"),
+    "find_best_configuration.py": ("nnunet_jax.cli.best_configuration", "define_flags"),
 }
 
 _PROBE = """

@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = {  # how to start it: a flag its --help must list
     "train.py": "--fold", "predict.py": "--ckpt_path", "evaluate.py": "--preds",
     "benchmark.py": "--train_batches", "visualize.py": "--logs", "-m preprocess": "--exec_mode",
+    "find_best_configuration.py": "--config",
 }
 # absl's log format (I1204 01:13:52.117568 ... file.py:861]), also XLA's C++ logs; absl's Python-logging
 # default format; Orbax; JAX's platform probing.
