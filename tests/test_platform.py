@@ -1,5 +1,5 @@
-"""The XLA flags reach every way in: the scripts set them, and so does ``import nnunet_jax`` for the Python API
-(a V2Predictor or Predictor built from a notebook must get the oneDNN convolutions too)."""
+"""The XLA flags reach every way in: the scripts set them, and so does ``import nnunet_jax`` for the Python
+API (a V2Predictor or Predictor built from a notebook must get the oneDNN convolutions too)."""
 
 import os
 import subprocess
