@@ -262,3 +262,38 @@ def test_v2_tiles_and_mirroring():
     with pytest.raises(ValueError, match="mirrored"):
         sliding_window_inference(np.zeros((8, 8, 1), np.float32), identity, None, (8, 8), grid="nnunetv2",
                                  tta=True)
+
+
+@pytest.mark.parametrize("grid", ["monai", "nnunetv2"])
+def test_batch_no_wider_than_the_windows(grid):
+    """A one-window volume at batch 4 used to run the network on 3 blank windows (4x the work)."""
+    seen = []
+
+    def record(params, x):
+        seen.append(x.shape[0])  # at trace time: the batch the network is compiled for
+        return x
+
+    volume = np.random.default_rng(0).normal(size=(8, 8, 8, 1)).astype(np.float32)
+    out = sliding_window_inference(volume, record, None, (8, 8, 8), batch_size=4, grid=grid, blend="constant")
+    np.testing.assert_allclose(np.asarray(out, np.float32), volume, atol=2e-3)  # fp16 sums on the v2 grid
+    assert seen and set(seen) == {1}
+    seen.clear()
+    sliding_window_inference(np.zeros((12, 8, 8, 1), np.float32), record, None, (8, 8, 8), batch_size=4,
+                             grid=grid)
+    assert set(seen) == {2}  # two windows along the first axis, as the frame holds them
+
+
+def test_mirroring_traces_the_network_once():
+    """Mirrored passes loop over one traced network (buffers reused, one compile), not 8 copies."""
+    import jax
+
+    from nnunet_jax.inference.sliding_window import mirrored
+
+    calls = []
+
+    def count(params, x):
+        calls.append(1)
+        return positional(params, x)
+
+    jax.jit(mirrored(count, (0, 1, 2))).lower(_params(c_in=1), jnp.zeros((1, 6, 5, 4, 1))).compile()
+    assert len(calls) == 2  # the identity pass and the loop body
