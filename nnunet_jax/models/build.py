@@ -10,14 +10,15 @@ the same model from the same options, so a checkpoint always fits the model that
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax.numpy as jnp
 
 from nnunet_jax.labels import LabelSpec, use_brats
-from nnunet_jax.models.resenc import ResEncUNet, resenc_from_topology
 from nnunet_jax.models.unet import UNet
-from nnunet_jax.planning.presets import preset_of
+
+if TYPE_CHECKING:
+    from nnunet_jax.models.resenc import ResEncUNet
 
 __all__ = ["build_model", "compute_dtype", "uses_fp16"]
 
@@ -45,7 +46,11 @@ def build_model(config: Mapping[str, Any] | Any, plan: Any) -> UNet | ResEncUNet
     if plan.topology is None:
         raise ValueError("the plan has no topology (preprocess the dataset again)")
     spec = LabelSpec.of(plan, use_brats(config))
-    if preset_of(config) is not None:
+    if str(config.get("preset") or "nnunet") != "nnunet":  # imported only then: the plan/NIfTI modules stay
+        from nnunet_jax.models.resenc import resenc_from_topology  # out of bare benchmark runs
+        from nnunet_jax.planning.presets import preset_of
+
+        preset_of(config)  # an unknown name is an error here, before any network is built
         return resenc_from_topology(plan.topology, spec.n_outputs, config, compute_dtype(config))
     return UNet.from_topology(
         plan.topology, spec.n_outputs, filters=tuple(config.get("filters") or ()) or None,
